@@ -1,0 +1,149 @@
+"""`MoEGRPOConfig`: TRL's `GRPOConfig` plus the options of MoE-GRPO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import GRPOConfig
+
+from .errors import MoEGRPOError
+from .losses import GATE_LOSS_TYPES
+
+
+@dataclass
+class MoEGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`MoEGRPOTrainer`]: every parameter of `trl.GRPOConfig`, plus the ones below.
+
+    Parameters:
+        > Parameters that control the rollouts' routing
+
+        rollout_routing (`str`, *optional*, defaults to `"sample"`):
+            How the routers choose experts while generating rollouts. `"sample"`: draw K experts per token and layer
+            without replacement from the gate probabilities (MoE-GRPO). `"topk"`: the stock top-K. `"noise"`: Gaussian
+            noise of std `routing_noise_std` on the gate log-scores, then top-K. Evaluation and inference always use
+            top-K.
+        routing_noise_std (`float`, *optional*, defaults to `1.0`):
+            Standard deviation of the noise of `rollout_routing="noise"`.
+        greedy_decoding (`bool` or `None`, *optional*, defaults to `None`):
+            Decode the rollouts' tokens greedily. `None`: greedy when the routing is sampled (`"sample"`, `"noise"`),
+            so rollouts differ only through routing as in the paper; sampled with `temperature` etc. under `"topk"`.
+
+        > Parameters that control replay and the routing losses
+
+        routing_replay (`bool`, *optional*, defaults to `True`):
+            Compute the training log-probabilities with each rollout's recorded routing replayed. `False` is the
+            "no replay" ablation: the training forward uses the live top-K.
+        gate_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the Gate-GRPO term: TRL's clipped objective applied to the probability each layer's gate gives
+            to the expert set that was chosen. `0` turns it off.
+        gate_loss_positions (`str`, *optional*, defaults to `"all"`):
+            Which tokens' routing the Gate-GRPO term trains: `"all"` non-padding tokens, prompt and completion, or
+            only the `"completion"` tokens (the paper's literal sum). With greedy decoding and short answers, the
+            routing that decides the answer is the prompt's, which only `"all"` trains.
+        gate_set_logprob (`str`, *optional*, defaults to `"set"`):
+            Probability of the chosen experts scored by Gate-GRPO: `"set"`, the exact probability of the unordered
+            set under sampling without replacement (top_k <= 4; larger top_k falls back to the order), or
+            `"ordered"`, the probability of the recorded draw order.
+
+    The load-balancing loss (`router_aux_loss_coef`, inherited) is computed on the experts the tokens were routed to.
+
+    > [!NOTE]
+    > These defaults restate the paper's setting: `num_generations=8` and no KL term (`beta=0.0`).
+    """
+
+    num_generations: int | None = field(
+        default=8,
+        metadata={"help": "Number of rollouts per prompt (G)."},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "KL coefficient. MoE-GRPO uses no reference model by default (0.0)."},
+    )
+
+    rollout_routing: Literal["sample", "topk", "noise"] = field(
+        default="sample",
+        metadata={
+            "help": "How routers choose experts during rollouts: 'sample' (without replacement from the gate "
+            "probabilities), 'topk' (stock) or 'noise' (Gaussian noise on the gate log-scores, then top-K)."
+        },
+    )
+    routing_noise_std: float = field(
+        default=1.0,
+        metadata={"help": "Standard deviation of the gate noise of rollout_routing='noise'."},
+    )
+    greedy_decoding: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Decode rollout tokens greedily. None: greedy when the routing is sampled ('sample', 'noise'), "
+            "sampled under 'topk'."
+        },
+    )
+    routing_replay: bool = field(
+        default=True,
+        metadata={"help": "Replay each rollout's recorded routing when computing training log-probabilities."},
+    )
+    gate_loss_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the Gate-GRPO term (0 turns it off)."},
+    )
+    gate_loss_positions: Literal["all", "completion"] = field(
+        default="all",
+        metadata={"help": "Tokens whose routing Gate-GRPO trains: 'all' non-padding tokens or 'completion' only."},
+    )
+    gate_set_logprob: Literal["set", "ordered"] = field(
+        default="set",
+        metadata={"help": "Score the chosen experts as an unordered 'set' (exact, top_k <= 4) or in drawn 'ordered'."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        choices = {
+            "rollout_routing": ("sample", "topk", "noise"),
+            "gate_loss_positions": ("all", "completion"),
+            "gate_set_logprob": ("set", "ordered"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MoEGRPOError(f"`{name}={getattr(self, name)!r}` is not one of {allowed}.")
+        if self.routing_noise_std <= 0:
+            raise MoEGRPOError(f"`routing_noise_std` must be positive, got {self.routing_noise_std}.")
+        if self.gate_loss_coef < 0:
+            raise MoEGRPOError(f"`gate_loss_coef` must be >= 0, got {self.gate_loss_coef}.")
+        if self.gate_loss_coef > 0 and self.loss_type not in GATE_LOSS_TYPES:
+            raise MoEGRPOError(
+                f"Gate-GRPO supports loss_type in {GATE_LOSS_TYPES}, got {self.loss_type!r}. Choose one of those, or "
+                "set `gate_loss_coef=0` to train only the tokens."
+            )
+        if self.gate_loss_coef > 0 and self.importance_sampling_level != "token":
+            raise MoEGRPOError(
+                "Gate-GRPO weighs each (token, layer) routing decision on its own and needs "
+                "`importance_sampling_level='token'`; set it, or `gate_loss_coef=0`."
+            )
+        if self.use_vllm and (self.rollout_routing != "topk" or self.routing_replay):
+            raise MoEGRPOError(
+                "`use_vllm=True` is not supported with sampled routing or routing replay yet: vLLM neither samples "
+                "experts nor returns the routes it took. Set `use_vllm=False` (transformers generation, which "
+                "supports both), or `rollout_routing='topk'`, `routing_replay=False`, `gate_loss_coef=0` for plain "
+                "GRPO."
+            )
+        if self.use_vllm and self.gate_loss_coef > 0:
+            raise MoEGRPOError("Gate-GRPO needs recorded routes, which vLLM does not return: set `gate_loss_coef=0`.")
+        if self.use_transformers_continuous_batching:
+            raise MoEGRPOError(
+                "Continuous-batching (paged) generation packs sequences in a way routing traces cannot follow yet. "
+                "Set `use_transformers_continuous_batching=False`."
+            )
+        if self.use_liger_kernel:
+            raise MoEGRPOError(
+                "`use_liger_kernel=True` swaps the model's layers for Liger kernels, which bypass the router hooks "
+                "MoE-GRPO relies on. Set `use_liger_kernel=False`."
+            )
+        if self.greedy_decoding is None:
+            self.greedy_decoding = self.rollout_routing != "topk"
+        if self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise MoEGRPOError(
+                "Reentrant gradient checkpointing runs the forward without autograd, so the gate probabilities "
+                "would get no gradient. Use `gradient_checkpointing_kwargs={'use_reentrant': False}` (TRL's default)."
+            )

@@ -1,0 +1,45 @@
+"""Sampled routing: draw K distinct experts per token from the router's selection distribution.
+
+This is the exploration half of MoE-GRPO (DESIGN §2, "Rollout sampling"). The Gumbel-top-K trick draws a set without
+replacement in one vectorized step: perturb each log-probability with independent Gumbel noise and keep the K largest.
+The result has exactly the law of K sequential multinomial draws without replacement, and the order of the perturbed
+keys is the order in which the sequential sampler would have drawn them, which is what the trace records.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gumbel_top_k(
+    log_probs: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Sample `k` distinct indices per row, in drawn order, without replacement.
+
+    Args:
+        log_probs (`torch.Tensor`):
+            `[rows, n]` log-probabilities (unnormalized is fine). `-inf` entries are never drawn; each row needs at
+            least `k` finite entries.
+        k (`int`):
+            How many indices to draw per row.
+        generator (`torch.Generator`, *optional*):
+            Source of randomness; the global generator of `log_probs`' device when `None`.
+
+    Returns:
+        `torch.Tensor`: `[rows, k]` int64 indices, first drawn first.
+    """
+    uniform = torch.rand(log_probs.shape, device=log_probs.device, generator=generator, dtype=torch.float32)
+    # Clamp away from 0 so the double log stays finite; the bias this adds is below float32 resolution.
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+    keys = log_probs.float() + gumbel
+    return torch.topk(keys, k, dim=-1, sorted=True).indices
+
+
+def noisy_top_k(log_probs: torch.Tensor, k: int, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Top-`k` of log-probabilities perturbed with Gaussian noise of standard deviation `std`.
+
+    For softmax routers `log softmax(z) = z - const`, so this is the Stoch-FT-Noise baseline: noise on the router
+    logits, then the stock top-K.
+    """
+    noise = torch.randn(log_probs.shape, device=log_probs.device, generator=generator, dtype=torch.float32)
+    return torch.topk(log_probs.float() + std * noise, k, dim=-1, sorted=True).indices

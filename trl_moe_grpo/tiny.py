@@ -1,0 +1,113 @@
+"""Tiny MoE models and a character tokenizer built locally, for the examples, tests and benchmarks.
+
+Nothing here downloads anything: configs are written out, weights are random (seeded) and the tokenizer is built with
+`tokenizers` from a fixed alphabet.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+ALPHABET = string.digits + string.ascii_lowercase + " +-=?:.,"
+SPECIAL_TOKENS = ["<pad>", "<eos>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'][0] }}:{{ message['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}a:{% endif %}"
+)
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over digits, lowercase letters and a little punctuation, with a chat template."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(ALPHABET))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(SPECIAL_TOKENS) + len(ALPHABET), **overrides):
+    """Config of a 2-layer MoE model of `family` with 8 experts, top-2, hidden size 32.
+
+    `family` is one of `qwen3_moe`, `qwen2_moe`, `mixtral`, `olmoe`, `gpt_oss`, `deepseek_v3`.
+    """
+    from transformers import (
+        DeepseekV3Config,
+        GptOssConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if family == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=16, head_dim=8, norm_topk_prob=True)
+    elif family == "qwen2_moe":
+        config = Qwen2MoeConfig(
+            **common, num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=16, norm_topk_prob=False
+        )
+    elif family == "mixtral":
+        config = MixtralConfig(**common, num_local_experts=8, head_dim=8)
+    elif family == "olmoe":
+        config = OlmoeConfig(**common, num_experts=8, norm_topk_prob=False)
+    elif family == "gpt_oss":
+        config = GptOssConfig(**common, num_local_experts=8, head_dim=8, layer_types=["full_attention"] * 2)
+    elif family == "deepseek_v3":
+        common.pop("intermediate_size")
+        common["num_key_value_heads"] = common["num_attention_heads"]  # multi-head latent attention
+        config = DeepseekV3Config(
+            **common,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+    else:
+        raise ValueError(f"Unknown tiny MoE family {family!r}.")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_moe_model(family: str = "qwen3_moe", seed: int = 0, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """A randomly initialized (seeded) tiny MoE causal LM, fp32, eager attention, in eval mode."""
+    torch.manual_seed(seed)
+    config = config or tiny_moe_config(family)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    if family == "deepseek_v3":
+        # The bias correction starts at zero; give it values so the tests see the stock rule use it.
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0.0, 0.02)
+    return model.eval()
