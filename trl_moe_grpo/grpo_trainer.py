@@ -229,7 +229,9 @@ class MoEGRPOTrainer(GRPOTrainer):
             dapo_normalizer = inputs["num_gate_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 dapo_normalizer = dapo_normalizer * accumulation / self.args.steps_per_generation
-            max_length = self.max_completion_length + (0 if self.args.gate_loss_positions == "completion" else prompt_width)
+            max_length = self.max_completion_length + (
+                0 if self.args.gate_loss_positions == "completion" else prompt_width
+            )
             gate_loss = reduce_like_trl(
                 per_decision.mean(-1), gate_mask, self.loss_type, accumulation, max_length, dapo_normalizer
             )
@@ -237,7 +239,9 @@ class MoEGRPOTrainer(GRPOTrainer):
             self._log_masked_mean(mode, "gate/loss", per_decision.detach().mean(-1), gate_mask)
             ratio = torch.exp(gate_logps.detach() - old_gate_logps)
             advantages = inputs["advantages"].reshape(-1, 1, 1)
-            clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | ((ratio > 1 + self.epsilon_high) & (advantages > 0))
+            clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | (
+                (ratio > 1 + self.epsilon_high) & (advantages > 0)
+            )
             self._log_masked_mean(mode, "gate/clip_ratio", clipped.float().mean(-1), gate_mask)
 
         flat_mask = attention_mask.reshape(-1)

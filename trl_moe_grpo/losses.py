@@ -40,6 +40,8 @@ def set_log_prob(log_probs: torch.Tensor, experts: torch.Tensor, method: SetLogP
     Returns:
         `torch.Tensor`: `[...]` float32 log-probabilities.
     """
+    if method not in ("set", "ordered"):
+        raise ValueError(f"Unknown set log-probability method {method!r}: use 'set' or 'ordered'.")
     log_probs = log_probs.float()
     experts = experts.long()
     k = experts.shape[-1]
@@ -57,8 +59,6 @@ def set_log_prob(log_probs: torch.Tensor, experts: torch.Tensor, method: SetLogP
 
     if method == "ordered" or k == 1 or k > MAX_TOP_K_FOR_SET:
         return ordered(tuple(range(k)))
-    if method != "set":
-        raise ValueError(f"Unknown set log-probability method {method!r}: use 'set' or 'ordered'.")
     return torch.logsumexp(torch.stack([ordered(p) for p in itertools.permutations(range(k))], dim=-1), dim=-1)
 
 

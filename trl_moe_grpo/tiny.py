@@ -59,6 +59,9 @@ def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(SPECIAL_TOK
         eos_token_id=1,
         bos_token_id=None,
         tie_word_embeddings=False,
+        # At the usual 0.02 the experts barely move a 32-wide residual stream and every routing decodes the same
+        # text; 0.1 makes routing matter, as it does in trained models.
+        initializer_range=0.1,
     )
     if family == "qwen3_moe":
         config = Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=16, head_dim=8, norm_topk_prob=True)
@@ -100,7 +103,9 @@ def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(SPECIAL_TOK
     return config
 
 
-def tiny_moe_model(family: str = "qwen3_moe", seed: int = 0, config: PretrainedConfig | None = None) -> PreTrainedModel:
+def tiny_moe_model(
+    family: str = "qwen3_moe", seed: int = 0, config: PretrainedConfig | None = None
+) -> PreTrainedModel:
     """A randomly initialized (seeded) tiny MoE causal LM, fp32, eager attention, in eval mode."""
     torch.manual_seed(seed)
     config = config or tiny_moe_config(family)

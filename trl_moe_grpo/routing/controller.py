@@ -86,7 +86,7 @@ class RoutingController:
                 f"The MoE layers of `{type(model).__name__}` disagree on (num_experts, top_k): {sorted(shapes)}. "
                 "Routing traces need one shape for every layer."
             )
-        (self.num_experts, self.top_k), = shapes
+        ((self.num_experts, self.top_k),) = shapes
         self.num_layers = len(self.adapters)
         self.vision_token_ids = torch.tensor(sorted(set(vision_token_ids)), dtype=torch.long)
 
@@ -237,6 +237,13 @@ class RoutingController:
                 torch.full((batch, length, self.num_layers, self.top_k), -1, dtype=torch.int16, device=device)
             )
         if self.mode == "replay":
+            if self._cursor > 0 and torch.is_grad_enabled():
+                # Checkpoint recompute re-runs the routers during backward but not this pre-hook, so it could only
+                # see the last call's rows. One call per trace keeps recompute exact (TRL's training forward is one).
+                raise MoEGRPOError(
+                    "A trace can be replayed over several model calls only without gradients (e.g. chunked no-grad "
+                    "scoring). With gradients, run the model once on the whole trace."
+                )
             chunk = self._routes[self._cursor : self._cursor + batch]
             if chunk.shape[:2] != (batch, length):
                 raise MoEGRPOError(

@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 
 
-def gumbel_top_k(
-    log_probs: torch.Tensor, k: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample `k` distinct indices per row, in drawn order, without replacement.
 
     Args:

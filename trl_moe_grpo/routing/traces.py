@@ -52,9 +52,7 @@ def split_rollout_routes(
         if prompt_length > padded_prompt:
             raise MoEGRPOError(f"Prompt {row} has {prompt_length} tokens but generation saw {padded_prompt}.")
         prompt_routes.append(prefill[row, padded_prompt - prompt_length :])
-        completion = torch.full(
-            (completion_length, *prefill.shape[2:]), -1, dtype=torch.int16, device=prefill.device
-        )
+        completion = torch.full((completion_length, *prefill.shape[2:]), -1, dtype=torch.int16, device=prefill.device)
         routed = min(completion_length - 1, decoded.shape[1])  # the last completion token stays -1
         if routed > 0:
             completion[:routed] = decoded[row, :routed]

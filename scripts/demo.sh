@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install the package on a fresh clone and run the tiny MoE-GRPO example end to end on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+python -m pip install --quiet --disable-pip-version-check -e .
+python examples/tiny_text_moe_grpo.py "$@"

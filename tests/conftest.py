@@ -1,0 +1,54 @@
+"""Shared fixtures for the trainer tests: a local tokenizer, the copy-digit task and a small config."""
+
+import pytest
+import torch
+
+from trl_moe_grpo import MoEGRPOConfig
+from trl_moe_grpo.tasks import digit_sum_dataset
+from trl_moe_grpo.tiny import build_char_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    return digit_sum_dataset(64, seed=0)
+
+
+def digit_share(completions, **kwargs):
+    """A verifiable reward that differs whenever two completions differ in digits, so groups carry a signal."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def config_values(tmp_path, **overrides) -> dict:
+    """Arguments shared by `MoEGRPOConfig` and `trl.GRPOConfig` in the tests: tiny batches, CPU, fp32."""
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        router_aux_loss_coef=0.0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return values
+
+
+def make_config(tmp_path, **overrides) -> MoEGRPOConfig:
+    return MoEGRPOConfig(**config_values(tmp_path, **overrides))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

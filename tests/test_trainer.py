@@ -1,0 +1,234 @@
+"""MoEGRPOTrainer end to end on tiny models: equivalence with TRL, gradients, rollouts, metrics, errors."""
+
+import math
+
+import pytest
+import torch
+from conftest import config_values, digit_share, make_config
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_moe_grpo import MoEGRPOConfig, MoEGRPOError, MoEGRPOTrainer
+from trl_moe_grpo.tiny import tiny_moe_model
+
+MOE_KEYS = ("routed_experts", "old_gate_logps", "num_gate_items_in_batch")
+
+
+def group_rows(dataset, num_prompts: int, group: int) -> list[dict]:
+    """Rows as TRL's sampler hands them to generation: each prompt repeated `group` times in a row."""
+    return [dataset[i] for i in range(num_prompts) for _ in range(group)]
+
+
+def router_weights(trainer) -> list[torch.Tensor]:
+    return [adapter.router.weight for adapter in trainer.routing.adapters]
+
+
+def test_topk_without_gate_loss_equals_trl_grpo(tmp_path, tokenizer, dataset):
+    """rollout_routing='topk', gate_loss_coef=0, no balance loss: the same loss and gradients as trl.GRPOTrainer."""
+    values = config_values(tmp_path)
+    moe = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=1),
+        digit_share,
+        args=MoEGRPOConfig(**values, rollout_routing="topk", gate_loss_coef=0.0),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    grpo = GRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=1),
+        digit_share,
+        args=GRPOConfig(**values),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    for trainer in (moe, grpo):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+
+    with moe._routing_step():
+        batch = moe._generate_and_score_completions(group_rows(dataset, 2, 4))
+        moe_loss = moe._compute_loss(moe.model, batch)
+        moe_loss.backward()
+    grpo_loss = grpo._compute_loss(grpo.model, {k: v for k, v in batch.items() if k not in MOE_KEYS})
+    grpo_loss.backward()
+
+    assert batch["advantages"].abs().sum() > 0, "the batch must carry a learning signal for the check to bite"
+    assert abs(moe_loss.item() - grpo_loss.item()) <= 1e-6
+    for mine, theirs in zip(moe.model.parameters(), grpo.model.parameters()):
+        assert (mine.grad is None) == (theirs.grad is None)
+        if mine.grad is not None:
+            torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gate_loss_gives_router_gradients(tmp_path, tokenizer, dataset, checkpointing):
+    """The Gate-GRPO term alone sends non-zero gradients to every router, with and without checkpointing."""
+    trainer = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=2),
+        digit_share,
+        args=make_config(tmp_path, gradient_checkpointing=checkpointing),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    model = trainer.model
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing == checkpointing
+    trainer.current_gradient_accumulation_steps = 1
+
+    def router_grads(gate_loss_coef: float) -> list[torch.Tensor]:
+        trainer.args.gate_loss_coef = gate_loss_coef
+        model.zero_grad()
+        with trainer._routing_step():
+            trainer._compute_loss(model, batch).backward()
+        return [w.grad.clone() for w in router_weights(trainer)]
+
+    with trainer._routing_step():
+        batch = trainer._generate_and_score_completions(group_rows(dataset, 2, 4))
+    assert batch["advantages"].abs().sum() > 0
+    with_gate, without_gate = router_grads(1.0), router_grads(0.0)
+    for g1, g0 in zip(with_gate, without_gate):
+        assert torch.isfinite(g1).all()
+        assert (g1 - g0).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_training_end_to_end(tmp_path, tokenizer, dataset, family):
+    """A few steps: finite losses, routers move, rollouts of one prompt take different routes, eval routes top-K."""
+
+    class RecordingTrainer(MoEGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            if self.model.training:
+                self.batches.append({k: output[k] for k in ("routed_experts", "prompt_mask", "completion_mask")})
+            return output
+
+    trainer = RecordingTrainer(
+        tiny_moe_model(family, seed=3),
+        digit_share,
+        args=make_config(tmp_path, max_steps=3, eval_strategy="no", per_device_eval_batch_size=8),
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(4)),
+        processing_class=tokenizer,
+    )
+    trainer.batches = []
+    before = [w.detach().clone() for w in router_weights(trainer)]
+    trainer.train()
+
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    for old, new in zip(before, router_weights(trainer)):
+        assert not torch.equal(old, new.detach())
+    logs = trainer.state.log_history[0]
+    for key in ("gate/loss", "routing/entropy", "routing/sampled_differs_from_topk", "reward_std_within_group"):
+        assert key in logs
+    assert logs["routing/sampled_differs_from_topk"] > 0
+    assert "routing/expert_utilization/layer_01" in logs
+
+    group = trainer.args.num_generations
+    for batch in trainer.batches:
+        routes = batch["routed_experts"]
+        for start in range(0, routes.shape[0], group):
+            rollouts = routes[start : start + group]
+            assert any(not torch.equal(rollouts[0], other) for other in rollouts[1:])
+
+    metrics = trainer.evaluate()
+    assert metrics["eval_routing/sampled_differs_from_topk"] == 0.0  # evaluation routes like inference
+
+
+def test_reused_generations_score_old_gate_logps(tmp_path, tokenizer, dataset):
+    """With num_iterations > 1 the old gate log-probs come from a replayed no-grad forward right after generation."""
+    trainer = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=4),
+        digit_share,
+        args=make_config(tmp_path, num_iterations=2),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    with trainer._routing_step():
+        batch = trainer._generate_and_score_completions(group_rows(dataset, 2, 4))
+        assert "old_gate_logps" in batch and "old_per_token_logps" in batch
+        trainer._compute_loss(trainer.model, batch)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        live = trainer._gate_log_probs(trainer.routing.captures(), input_ids)
+    mask = batch["routed_experts"][..., 0, 0] >= 0
+    assert (live - batch["old_gate_logps"]).abs()[mask].max() <= 1e-5
+    assert trainer._metrics["train"]["gate/clip_ratio"][-1] == 0.0
+
+
+def test_greedy_decoding_follows_routing(tmp_path, tokenizer, dataset):
+    """Sampled routing decodes tokens greedily (rollouts differ only through routing); top-K routing samples them."""
+    sampled = MoEGRPOTrainer(
+        tiny_moe_model(), digit_share, args=make_config(tmp_path), train_dataset=dataset, processing_class=tokenizer
+    )
+    assert sampled.generation_config.do_sample is False
+    topk = MoEGRPOTrainer(
+        tiny_moe_model(),
+        digit_share,
+        args=make_config(tmp_path, rollout_routing="topk"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    assert topk.generation_config.do_sample is True
+
+
+def test_dense_model_is_rejected(tmp_path, tokenizer, dataset):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    with pytest.raises(MoEGRPOError, match="no Mixture-of-Experts router"):
+        MoEGRPOTrainer(
+            Qwen3ForCausalLM(config),
+            digit_share,
+            args=make_config(tmp_path),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+
+
+def test_plain_grpo_config_is_rejected(tmp_path, tokenizer, dataset):
+    with pytest.raises(MoEGRPOError, match="MoEGRPOConfig"):
+        MoEGRPOTrainer(tiny_moe_model(), digit_share, args=GRPOConfig(**config_values(tmp_path)))
+
+
+def test_tools_are_rejected(tmp_path, tokenizer, dataset):
+    def tool(x: str) -> str:
+        """A tool."""
+        return x
+
+    with pytest.raises(MoEGRPOError, match="tools"):
+        MoEGRPOTrainer(tiny_moe_model(), digit_share, args=make_config(tmp_path), tools=[tool])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rollout_routing": "greedy"}, "rollout_routing"),
+        ({"gate_loss_positions": "prompt"}, "gate_loss_positions"),
+        ({"gate_set_logprob": "bag"}, "gate_set_logprob"),
+        ({"routing_noise_std": 0.0}, "routing_noise_std"),
+        ({"gate_loss_coef": -1.0}, "gate_loss_coef"),
+        ({"loss_type": "cispo"}, "loss_type"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"use_liger_kernel": True}, "use_liger_kernel"),
+        ({"use_transformers_continuous_batching": True}, "use_transformers_continuous_batching"),
+        ({"gradient_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
+    ],
+)
+def test_invalid_options_are_explained(tmp_path, overrides, message):
+    with pytest.raises(MoEGRPOError, match=message):
+        make_config(tmp_path, **overrides)
+
+
+def test_vllm_with_sampled_routing_is_explained(tmp_path):
+    with pytest.raises(MoEGRPOError, match="use_vllm=False"):
+        make_config(tmp_path, use_vllm=True)
