@@ -1,0 +1,43 @@
+"""`trl-moe-grpo <command>`: the side jobs of MoE-GRPO.
+
+Modelled on TRL's CLI (`trl/cli/commands/base.py`): each command is a small class in `trl_moe_grpo/commands/` with
+`register` (its arguments) and `run` (returns an exit code); heavy imports happen inside `run`, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .commands.base import Command
+
+# The commands, in the order `--help` lists them. Each module is light to import.
+COMMAND_PATHS: list[tuple[str, str]] = []
+
+
+def build_commands() -> list[Command]:
+    import importlib
+
+    commands = []
+    for module_path, class_name in COMMAND_PATHS:
+        commands.append(getattr(importlib.import_module(module_path), class_name)())
+    return commands
+
+
+def make_parser(commands: list[Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trl-moe-grpo", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for command in commands:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = build_commands()
+    args = make_parser(commands).parse_args(argv)
+    by_name = {command.name: command for command in commands}
+    return by_name[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Commands of the `trl-moe-grpo` command line, one module each."""
