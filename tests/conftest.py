@@ -52,3 +52,22 @@ def make_config(tmp_path, **overrides) -> MoEGRPOConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+COLOURS = {"r": (220, 30, 30), "g": (30, 200, 30), "b": (30, 30, 220)}
+
+
+def colour_rows(n: int) -> list[dict]:
+    """A tiny vision task in TRL's conversational format: the colour of a solid 28x28 image (r, g or b)."""
+    from PIL import Image
+
+    rows = []
+    for i in range(n):
+        key = "rgb"[i % 3]
+        prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}]
+        rows.append({"prompt": prompt, "image": Image.new("RGB", (28, 28), COLOURS[key]), "answer": key})
+    return rows
+
+
+def first_letter_reward(completions, answer, **kwargs):
+    return [1.0 if c[0]["content"][:1] == a else 0.0 for c, a in zip(completions, answer)]

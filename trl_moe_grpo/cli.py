@@ -12,7 +12,10 @@ import sys
 from .commands.base import Command
 
 # The commands, in the order `--help` lists them. Each module is light to import.
-COMMAND_PATHS: list[tuple[str, str]] = []
+COMMAND_PATHS: list[tuple[str, str]] = [
+    ("trl_moe_grpo.commands.calibrate", "CalibrateCommand"),
+    ("trl_moe_grpo.commands.analyze", "AnalyzeCommand"),
+]
 
 
 def build_commands() -> list[Command]:

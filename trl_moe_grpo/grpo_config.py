@@ -47,6 +47,19 @@ class MoEGRPOConfig(GRPOConfig):
             set under sampling without replacement (top_k <= 4; larger top_k falls back to the order), or
             `"ordered"`, the probability of the recorded draw order.
 
+        > Parameters that control modality-aware router guidance (vision-language models)
+
+        modality_mask_ratio (`float`, *optional*, defaults to `0.25`):
+            Share `P` of experts removed, per layer, from each modality's sampling distribution: the `floor(P * N)`
+            experts that modality uses least under top-K routing (never leaving fewer than top_k). `0` samples from
+            every expert (the modality-agnostic "multi." ablation). Text-only models have no vision tokens: guidance
+            is off.
+        modality_stats_path (`str` or `None`, *optional*, defaults to `None`):
+            Modality statistics file written by `trl-moe-grpo calibrate`. When `None`, the trainer calibrates on the
+            first `modality_calibration_samples` training prompts before step 1 and saves the file in `output_dir`.
+        modality_calibration_samples (`int`, *optional*, defaults to `256`):
+            Number of training prompts the trainer's own calibration pass uses.
+
     The load-balancing loss (`router_aux_loss_coef`, inherited) is computed on the experts the tokens were routed to.
 
     > [!NOTE]
@@ -97,6 +110,19 @@ class MoEGRPOConfig(GRPOConfig):
         metadata={"help": "Score the chosen experts as an unordered 'set' (exact, top_k <= 4) or in drawn 'ordered'."},
     )
 
+    modality_mask_ratio: float = field(
+        default=0.25,
+        metadata={"help": "Share of experts masked per layer from each modality's sampling distribution (0 = off)."},
+    )
+    modality_stats_path: str | None = field(
+        default=None,
+        metadata={"help": "Modality statistics file from `trl-moe-grpo calibrate`; None calibrates before step 1."},
+    )
+    modality_calibration_samples: int = field(
+        default=256,
+        metadata={"help": "Training prompts used by the trainer's own calibration pass."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         choices = {
@@ -109,6 +135,12 @@ class MoEGRPOConfig(GRPOConfig):
                 raise MoEGRPOError(f"`{name}={getattr(self, name)!r}` is not one of {allowed}.")
         if self.routing_noise_std <= 0:
             raise MoEGRPOError(f"`routing_noise_std` must be positive, got {self.routing_noise_std}.")
+        if not 0 <= self.modality_mask_ratio < 1:
+            raise MoEGRPOError(f"`modality_mask_ratio` must be in [0, 1), got {self.modality_mask_ratio}.")
+        if self.modality_calibration_samples < 1:
+            raise MoEGRPOError(
+                f"`modality_calibration_samples` must be at least 1, got {self.modality_calibration_samples}."
+            )
         if self.gate_loss_coef < 0:
             raise MoEGRPOError(f"`gate_loss_coef` must be >= 0, got {self.gate_loss_coef}.")
         if self.gate_loss_coef > 0 and self.loss_type not in GATE_LOSS_TYPES:

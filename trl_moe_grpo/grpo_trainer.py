@@ -17,24 +17,40 @@ How it hooks into TRL (each override is the narrowest method that does the job a
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from .errors import MoEGRPOError
 from .grpo_config import MoEGRPOConfig
+from .guidance import ModalityStatistics, calibrate, vision_token_ids
 from .losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
 from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
 
+logger = logging.get_logger(__name__)
 
-def _vision_token_ids(model) -> list[int]:
-    config = model.config
-    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-    return [getattr(config, name) for name in names if isinstance(getattr(config, name, None), int)]
+STATS_FILE = "modality_statistics.json"
+ROUTING_FILE = "moe_grpo_routing.json"
+# Saved with every checkpoint and final model, compared on resume.
+ROUTING_OPTIONS = (
+    "rollout_routing",
+    "routing_noise_std",
+    "greedy_decoding",
+    "routing_replay",
+    "gate_loss_coef",
+    "gate_loss_positions",
+    "gate_set_logprob",
+    "modality_mask_ratio",
+)
 
 
 class MoEGRPOTrainer(GRPOTrainer):
@@ -65,11 +81,12 @@ class MoEGRPOTrainer(GRPOTrainer):
             args = MoEGRPOConfig(f"{str(name).split('/')[-1]}-MoE-GRPO")
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
 
-        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.routing = RoutingController(policy, vision_token_ids=_vision_token_ids(policy))
+        policy = self.routing_model
+        self.routing = RoutingController(policy, vision_token_ids=vision_token_ids(policy))
+        self.modality_statistics: ModalityStatistics | None = None
         self.ref_routing = None
         if self.ref_model is not None:
-            self.ref_routing = RoutingController(self.ref_model, vision_token_ids=_vision_token_ids(self.ref_model))
+            self.ref_routing = RoutingController(self.ref_model, vision_token_ids=vision_token_ids(self.ref_model))
 
         # The load-balancing loss is ours, on the routed sets (DESIGN §2); TRL's would score a fresh top-K and, for
         # vision-language models, crash on outputs without `router_logits` (TRL 1.16).
@@ -86,6 +103,76 @@ class MoEGRPOTrainer(GRPOTrainer):
                 self.generation_kwargs.update(greedy)
 
         self._batch_routes: torch.Tensor | None = None  # the trace the next forward replays
+
+    # ------------------------------------------------------------------ modality-aware guidance, checkpoints
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        self._setup_modality_guidance(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _setup_modality_guidance(self, resume_from_checkpoint: str | bool | None) -> None:
+        """Load or measure the modality statistics and give the sampler its expert masks, before step 1."""
+        args = self.args
+        if args.rollout_routing == "topk" or args.modality_mask_ratio == 0:
+            return  # top-K rollouts draw nothing; ratio 0 is the modality-agnostic ablation
+        model = self.routing_model
+        if self.routing.vision_token_ids.numel() == 0:
+            logger.warning(
+                f"Modality-aware router guidance is off: `{type(model).__name__}` has no vision tokens (text-only "
+                "model), so rollouts sample from every expert."
+            )
+            return
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(args.output_dir)
+        if checkpoint and os.path.isfile(os.path.join(checkpoint, STATS_FILE)):
+            source = os.path.join(checkpoint, STATS_FILE)
+            stats = ModalityStatistics.load(source)
+            self._warn_on_changed_routing_options(checkpoint)
+        elif args.modality_stats_path is not None:
+            source = args.modality_stats_path
+            stats = ModalityStatistics.load(source)
+        else:
+            rows = list(itertools.islice(iter(self.train_dataset), args.modality_calibration_samples))
+            stats = calibrate(model, self.routing, self.processing_class, rows, args.per_device_train_batch_size)
+            source = f"a top-K calibration pass over {len(rows)} training prompts"
+            if args.should_save:
+                stats.save(os.path.join(args.output_dir, STATS_FILE), args.modality_mask_ratio)
+        stats.check_model(model, self.routing)
+        self.routing.set_expert_masks(stats.masks(args.modality_mask_ratio))
+        self.modality_statistics = stats
+        masked = (~self.routing.expert_masks[0]).sum(-1).tolist()
+        logger.warning(
+            f"Modality-aware router guidance from {source}: per layer, {masked[0]} of {self.routing.num_experts} "
+            f"experts are masked for text tokens and {masked[1]} for vision tokens (P={args.modality_mask_ratio})."
+        )
+
+    @property
+    def routing_model(self):
+        """The model the routing controller is installed on (the base model under PEFT)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        options = {name: getattr(self.args, name) for name in ROUTING_OPTIONS}
+        with open(os.path.join(output_dir, ROUTING_FILE), "w") as f:
+            json.dump(options, f, indent=1)
+        if self.modality_statistics is not None:
+            self.modality_statistics.save(os.path.join(output_dir, STATS_FILE), self.args.modality_mask_ratio)
+
+    def _warn_on_changed_routing_options(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, ROUTING_FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        changed = {k: (v, getattr(self.args, k)) for k, v in saved.items() if getattr(self.args, k, v) != v}
+        if changed:
+            logger.warning(
+                "Resuming with routing options that differ from the checkpoint's: "
+                + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            )
 
     # ------------------------------------------------------------------ rollouts: sampled routing, traced
 

@@ -14,25 +14,42 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 ALPHABET = string.digits + string.ascii_lowercase + " +-=?:.,"
 SPECIAL_TOKENS = ["<pad>", "<eos>"]
+# InternVL's processor looks these up by role on the tokenizer; they come after the alphabet so text ids stay put.
+IMAGE_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+VOCAB = SPECIAL_TOKENS + list(ALPHABET) + list(IMAGE_TOKENS.values())
 
+# Content may be a string or a list of parts (TRL's multimodal format); an image part becomes the placeholder token the
+# processor expands into the image's tokens.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'][0] }}:{{ message['content'] }}{{ eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}a:{% endif %}"
+    "{% for message in messages %}{{ message['role'][0] }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<IMG_CONTEXT>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
 )
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over digits, lowercase letters and a little punctuation, with a chat template."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(ALPHABET))}
+    """A character-level tokenizer over digits, lowercase letters and a little punctuation, with a chat template.
+
+    It also knows InternVL's image tokens (`<img>`, `</img>`, `<IMG_CONTEXT>`, `<video>`) as special tokens.
+    """
+    vocab = {token: i for i, token in enumerate(VOCAB)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", extra_special_tokens=IMAGE_TOKENS
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(SPECIAL_TOKENS) + len(ALPHABET), **overrides):
+def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(VOCAB), **overrides):
     """Config of a 2-layer MoE model of `family` with 8 experts, top-2, hidden size 32.
 
     `family` is one of `qwen3_moe`, `qwen2_moe`, `mixtral`, `olmoe`, `gpt_oss`, `deepseek_v3`.
@@ -115,4 +132,51 @@ def tiny_moe_model(
         for module in model.modules():
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0.0, 0.02)
+    return model.eval()
+
+
+# Vision tower: 28x28 images in 14x14 patches (2x2), pixel-shuffled by 0.5 into a single image token.
+TINY_IMAGE_SIZE = 28
+
+
+def build_tiny_internvl_processor():
+    """An `InternVLProcessor` over the character tokenizer: 28x28 images, one image token each."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    image_processor = GotOcr2ImageProcessor(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, crop_to_patches=False
+    )
+    video_processor = InternVLVideoProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    return InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=build_char_tokenizer(),
+        video_processor=video_processor,
+        image_seq_length=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_moe_internvl(seed: int = 0) -> PreTrainedModel:
+    """A randomly initialized (seeded) tiny `InternVLForConditionalGeneration` whose language model is Qwen3-MoE."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    tokenizer = build_char_tokenizer()
+    vision = InternVLVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_IMAGE_SIZE // 2,
+        initializer_range=0.1,
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=tiny_moe_config("qwen3_moe").to_dict(),
+        image_token_id=tokenizer.context_image_token_id,
+        downsample_ratio=0.5,
+        image_seq_length=1,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(config, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
