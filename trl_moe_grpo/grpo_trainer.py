@@ -80,6 +80,12 @@ class MoEGRPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
             args = MoEGRPOConfig(f"{str(name).split('/')[-1]}-MoE-GRPO")
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        if self._is_vlm and self._tokenizer.padding_side != "left":
+            # TRL left-pads the prompt ids itself but re-runs the processor for the training forward's per-token
+            # fields (`mm_token_type_ids`, `token_type_ids`): padded on the other side they would misplace every
+            # image's positions (Qwen-VL's M-RoPE) and replay would no longer reproduce the rollout.
+            logger.warning("Setting the processor's tokenizer to left padding, as TRL's prompts are left-padded.")
+            self._tokenizer.padding_side = "left"
 
         policy = self.routing_model
         self.routing = RoutingController(policy, vision_token_ids=vision_token_ids(policy))
@@ -270,7 +276,8 @@ class MoEGRPOTrainer(GRPOTrainer):
         """`[layers, rows, experts]` log selection probabilities, masked as the rollouts' sampler masked them."""
         log_probs = torch.stack([a.selection_log_probs(c.logits) for a, c in zip(self.routing.adapters, captures)])
         masks = self.routing.expert_masks
-        if modality is None or masks is None or self.args.rollout_routing == "topk":
+        # Evaluation rollouts route with the stock top-K (`_generate_single_turn`): no mask shaped their sets.
+        if modality is None or masks is None or self.args.rollout_routing == "topk" or not self.model.training:
             return log_probs
         allowed = masks.to(log_probs.device)[:, modality.long()]  # [layers, rows, experts]
         valid = torch.stack([c.valid for c in captures])[..., None]

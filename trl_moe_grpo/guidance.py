@@ -197,6 +197,24 @@ def row_images(row: dict[str, Any]) -> list | None:
     return None
 
 
+def encode_conversations(processing_class, conversations: list, add_generation_prompt: bool) -> dict:
+    """Chat-template, tokenize and pad a batch of conversations (images included) into tensors."""
+    from transformers import ProcessorMixin
+
+    # Processors take tokenizer options in `processor_kwargs`, tokenizers directly.
+    padding = (
+        {"processor_kwargs": {"padding": True}} if isinstance(processing_class, ProcessorMixin) else {"padding": True}
+    )
+    return processing_class.apply_chat_template(
+        conversation=conversations,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        **padding,
+    )
+
+
 def calibration_batches(
     processing_class, rows: list[dict[str, Any]], batch_size: int, device: torch.device | str = "cpu"
 ) -> Iterable[dict[str, torch.Tensor]]:
@@ -207,14 +225,7 @@ def calibration_batches(
         chunk = rows[start : start + batch_size]
         if is_conversational(chunk[0]):
             prompts = [prepare_multimodal_messages(row["prompt"], images=row_images(row)) for row in chunk]
-            inputs = processing_class.apply_chat_template(
-                conversation=prompts,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                padding=True,
-            )
+            inputs = encode_conversations(processing_class, prompts, add_generation_prompt=True)
         else:
             inputs = processing_class(text=[row["prompt"] for row in chunk], return_tensors="pt", padding=True)
         yield {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}

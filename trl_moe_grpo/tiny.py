@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-ALPHABET = string.digits + string.ascii_lowercase + " +-=?:.,"
+ALPHABET = string.digits + string.ascii_lowercase + " +-=?:.," + string.ascii_uppercase + "()\n"
 SPECIAL_TOKENS = ["<pad>", "<eos>"]
 # InternVL's processor looks these up by role on the tokenizer; they come after the alphabet so text ids stay put.
 IMAGE_TOKENS = {
@@ -139,19 +139,19 @@ def tiny_moe_model(
 TINY_IMAGE_SIZE = 28
 
 
-def build_tiny_internvl_processor():
-    """An `InternVLProcessor` over the character tokenizer: 28x28 images, one image token each."""
+def build_tiny_internvl_processor(image_size: int = TINY_IMAGE_SIZE, image_seq_length: int = 1):
+    """An `InternVLProcessor` over the character tokenizer: square images of `image_size` pixels.
+
+    `image_seq_length` must match the model: `(image_size / patch_size)^2 * downsample_ratio^2` tokens per image.
+    """
     from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
-    image_processor = GotOcr2ImageProcessor(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, crop_to_patches=False
-    )
-    video_processor = InternVLVideoProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    size = {"height": image_size, "width": image_size}
     return InternVLProcessor(
-        image_processor=image_processor,
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False),
         tokenizer=build_char_tokenizer(),
-        video_processor=video_processor,
-        image_seq_length=1,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=image_seq_length,
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -174,6 +174,195 @@ def tiny_moe_internvl(seed: int = 0) -> PreTrainedModel:
         vision_config=vision,
         text_config=tiny_moe_config("qwen3_moe").to_dict(),
         image_token_id=tokenizer.context_image_token_id,
+        downsample_ratio=0.5,
+        image_seq_length=1,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(config, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+# Qwen3-VL: the character tokenizer with Qwen's vision tokens (after the alphabet, so text ids stay put), and a vision
+# tower that resizes a 28x28 image to 32x32, cuts it into 8x8 patches and merges them 2x2: four image tokens.
+QWEN3_VL_TOKENS = {
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+}
+# `<` and `>` spell the frame timestamps (`<0.5 seconds>`) the processor writes into video prompts.
+QWEN3_VL_VOCAB = (
+    SPECIAL_TOKENS + list(ALPHABET) + [c for c in "<>" if c not in ALPHABET] + list(QWEN3_VL_TOKENS.values())
+)
+# An image part becomes `<|vision_start|><|image_pad|><|vision_end|>`, as in Qwen's template; the processor expands the
+# pad into the image's tokens. For a video part it writes the frames' own start/end tokens around each frame.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'][0] }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|video_pad|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+)
+QWEN3_VL_PATCH_SIZE = 8
+QWEN3_VL_MERGE_SIZE = 2
+
+
+def build_qwen3_vl_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer with Qwen's vision tokens as special tokens; it pads on the left, as TRL needs."""
+    vocab = {token: i for i, token in enumerate(QWEN3_VL_VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        extra_special_tokens=QWEN3_VL_TOKENS,
+        padding_side="left",
+    )
+    fast.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_qwen3_vl_processor():
+    """A `Qwen3VLProcessor` over `build_qwen3_vl_tokenizer()`: a 28x28 or 32x32 image gives four image tokens."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    sizes = dict(patch_size=QWEN3_VL_PATCH_SIZE, merge_size=QWEN3_VL_MERGE_SIZE, temporal_patch_size=2)
+    side = QWEN3_VL_PATCH_SIZE * QWEN3_VL_MERGE_SIZE  # images are resized to multiples of this
+    image_processor = Qwen2VLImageProcessor(
+        **sizes, size={"shortest_edge": side * side, "longest_edge": 4 * side * side}
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        **sizes, size={"shortest_edge": side * side, "longest_edge": 16 * side * side}, cap_pixels_per_frame=True
+    )
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=build_qwen3_vl_tokenizer(),
+        video_processor=video_processor,
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+
+
+def tiny_moe_qwen3_vl(seed: int = 0) -> PreTrainedModel:
+    """A randomly initialized (seeded) tiny `Qwen3VLMoeForConditionalGeneration`, fp32, eager attention, in eval mode.
+
+    Its language model has the sizes of `tiny_moe_config("qwen3_moe")` (2 layers, hidden 32, 8 experts, top-2) with
+    interleaved multimodal rotary positions; its one-block vision tower feeds DeepStack features to the first layer.
+    """
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    tokenizer = build_qwen3_vl_tokenizer()
+    text = dict(
+        vocab_size=len(QWEN3_VL_VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        initializer_range=0.1,  # as in tiny_moe_config: routing must matter
+        # head_dim 8 has 4 rotary frequencies: 2 temporal, 1 height, 1 width.
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        patch_size=QWEN3_VL_PATCH_SIZE,
+        spatial_merge_size=QWEN3_VL_MERGE_SIZE,
+        temporal_patch_size=2,
+        out_hidden_size=32,
+        num_position_embeddings=16,  # a 4x4 grid of learned positions, interpolated to each image's grid
+        deepstack_visual_indexes=[0],
+        initializer_range=0.1,
+    )
+    config = Qwen3VLMoeConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.vision_start_token_id,
+        vision_end_token_id=tokenizer.vision_end_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def tiny_dense_config(family: str = "qwen3", vocab_size: int = len(VOCAB), **overrides):
+    """Config of a 2-layer dense decoder of `family` (`qwen3`, `llama`, `mistral`), hidden 32: an upcycling source.
+
+    The Llama one ties its embeddings (like Llama 3.2), so both tied and untied checkpoints are exercised.
+    """
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        initializer_range=0.1,  # as in `tiny_moe_config`: large enough that small changes show in the text
+    )
+    if family == "qwen3":
+        config = Qwen3Config(**common, tie_word_embeddings=False)
+    elif family == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=True)
+    elif family == "mistral":
+        config = MistralConfig(**common, tie_word_embeddings=False)
+    else:
+        raise ValueError(f"Unknown tiny dense family {family!r}: use qwen3, llama or mistral.")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_dense_model(family: str = "qwen3", seed: int = 0, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """A randomly initialized (seeded) tiny dense causal LM, fp32, eager attention, in eval mode."""
+    torch.manual_seed(seed)
+    config = config or tiny_dense_config(family)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def tiny_dense_internvl(seed: int = 0) -> PreTrainedModel:
+    """A randomly initialized (seeded) tiny `InternVLForConditionalGeneration` whose language model is dense Qwen3."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    vision = InternVLVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_IMAGE_SIZE // 2,
+        initializer_range=0.1,
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=tiny_dense_config("qwen3").to_dict(),
+        image_token_id=VOCAB.index(IMAGE_TOKENS["context_image_token"]),
         downsample_ratio=0.5,
         image_seq_length=1,
     )

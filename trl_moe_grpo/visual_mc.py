@@ -1,0 +1,123 @@
+"""A multi-task visual multiple-choice dataset rendered with PIL, and its accuracy reward.
+
+Four task types over small synthetic images: the `colour` of a shape, the `shape` itself, the `count` of squares and
+the `position` of a dot. Each question lists four options A-D (in a fixed order per task); the answer letter is
+balanced across A-D. Everything is
+deterministic by seed, so a train and a test split never depend on anything but their seeds. Rows are in TRL's
+conversational vision-language format: a `prompt` with an image placeholder, the `image`, the `answer` letter and the
+`task` name.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from PIL import Image, ImageDraw
+
+TASKS = ("colour", "shape", "count", "position")
+LETTERS = "ABCD"
+IMAGE_SIZE = 56
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 210, 40)}
+SHAPES = ("circle", "square", "triangle", "cross")
+POSITIONS = ("top", "bottom", "left", "right")
+QUESTIONS = {"colour": "Colour?", "shape": "Shape?", "count": "How many?", "position": "Where?"}
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "cross":
+        third_w, third_h = (x1 - x0) // 3, (y1 - y0) // 3
+        draw.rectangle((x0 + third_w, y0, x1 - third_w, y1), fill=fill)
+        draw.rectangle((x0, y0 + third_h, x1, y1 - third_h), fill=fill)
+
+
+def _render(task: str, value, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    s = IMAGE_SIZE
+    if task in ("colour", "shape"):
+        colour = COLOURS[value] if task == "colour" else COLOURS[rng.choice(list(COLOURS))]
+        shape = value if task == "shape" else rng.choice(SHAPES)
+        size = rng.randint(s // 2, 3 * s // 4)
+        x, y = rng.randint(2, s - size - 2), rng.randint(2, s - size - 2)
+        _draw_shape(draw, shape, (x, y, x + size, y + size), colour)
+    elif task == "count":
+        cells = rng.sample(range(4), value)  # one square per quadrant, so they never overlap
+        for cell in cells:
+            cx, cy = (cell % 2) * s // 2, (cell // 2) * s // 2
+            size = rng.randint(s // 6, s // 4)
+            x, y = cx + rng.randint(2, s // 2 - size - 2), cy + rng.randint(2, s // 2 - size - 2)
+            draw.rectangle((x, y, x + size, y + size), fill=(30, 30, 30))
+    elif task == "position":
+        r = s // 8
+        centre = {
+            "top": (s // 2, s // 6),
+            "bottom": (s // 2, 5 * s // 6),
+            "left": (s // 6, s // 2),
+            "right": (5 * s // 6, s // 2),
+        }
+        cx, cy = centre[value]
+        cx, cy = cx + rng.randint(-3, 3), cy + rng.randint(-3, 3)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(30, 30, 30))
+    return image
+
+
+def _choices(task: str) -> list:
+    return {"colour": list(COLOURS), "shape": list(SHAPES), "count": [1, 2, 3, 4], "position": list(POSITIONS)}[task]
+
+
+def make_example(task: str, index: int, seed: int) -> dict:
+    """One example of `task`; `index` fixes the answer letter (cycling A-D) so letters stay balanced."""
+    rng = random.Random(f"{seed}:{task}:{index}")
+    # Options keep one order per task: a tiny model can then learn to read the image in minutes; the image,
+    # not the option list, is what varies.
+    options = _choices(task)
+    answer_letter = LETTERS[index % 4]
+    value = options[LETTERS.index(answer_letter)]
+    text = " ".join([QUESTIONS[task]] + [f"{letter} {option}" for letter, option in zip(LETTERS, options)])
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return {"prompt": prompt, "image": _render(task, value, rng), "answer": answer_letter, "task": task}
+
+
+def visual_mc_rows(num_examples: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:
+    """`num_examples` rows cycling through `tasks`, deterministic by `seed`."""
+    return [make_example(tasks[i % len(tasks)], i // len(tasks), seed) for i in range(num_examples)]
+
+
+def visual_mc_dataset(num_train: int = 512, num_test: int = 128, seed: int = 0):
+    """A `DatasetDict` with `train` and `test` splits drawn with different seeds."""
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict(
+        train=Dataset.from_list(visual_mc_rows(num_train, seed)),
+        test=Dataset.from_list(visual_mc_rows(num_test, seed + 10_000)),
+    )
+
+
+_LETTER = re.compile(r"(?<![A-Za-z])([A-Da-d])(?![A-Za-z])")
+
+
+def parse_choice(text: str) -> str | None:
+    """The single option letter `text` commits to, or `None`.
+
+    Accepts `"B"`, `"b"`, `"(B)"`, `"B."`, `"The answer is (B)."`; a text naming two different letters (`"B and C"`)
+    commits to none. The article "a" is only read as option A when it is the whole answer.
+    """
+    stripped = text.strip()
+    if len(stripped) == 1:
+        return stripped.upper() if stripped.upper() in LETTERS else None
+    found = {m.upper() for m in _LETTER.findall(stripped) if m != "a"}
+    return found.pop() if len(found) == 1 else None
+
+
+def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion commits to the answer letter, else 0.0 (conversational or plain completions)."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if parse_choice(text) == target else 0.0 for text, target in zip(texts, answer)]
