@@ -6,14 +6,46 @@ Where the method's ideas live:
 - routing replay ............. `routing/controller.py` (replay mode) and `routing/traces.py` (the trace layout)
 - Token-GRPO ................. TRL's token loss, computed under replay: `grpo_trainer.py`
 - Gate-GRPO .................. `losses.py` (`set_log_prob`, `clipped_objective`), added in `grpo_trainer.py`
-- modality-aware guidance .... expert masks applied by the controller's sampler (`RoutingController.set_expert_masks`)
+- modality-aware guidance .... `guidance.py` (statistics, masks), applied by the controller's sampler
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .errors import MoEGRPOError
-from .grpo_config import MoEGRPOConfig
-from .grpo_trainer import MoEGRPOTrainer
-from .routing import RoutingController
+# Public names and the modules they live in: imported on first use, so `trl-moe-grpo --help` stays fast.
+_LAZY = {
+    "MoEGRPOConfig": "grpo_config",
+    "MoEGRPOError": "errors",
+    "MoEGRPOTrainer": "grpo_trainer",
+    "RoutingController": "routing",
+    "ModalityStatistics": "guidance",
+    "upcycle": "upcycle",
+}
 
-__all__ = ["MoEGRPOConfig", "MoEGRPOError", "MoEGRPOTrainer", "RoutingController", "__version__"]
+__all__ = [
+    "ModalityStatistics",
+    "MoEGRPOConfig",
+    "MoEGRPOError",
+    "MoEGRPOTrainer",
+    "RoutingController",
+    "__version__",
+    "upcycle",
+]
+
+if TYPE_CHECKING:
+    from .errors import MoEGRPOError
+    from .grpo_config import MoEGRPOConfig
+    from .grpo_trainer import MoEGRPOTrainer
+    from .guidance import ModalityStatistics
+    from .routing import RoutingController
+    from .upcycle import upcycle
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'trl_moe_grpo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

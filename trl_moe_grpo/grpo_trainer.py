@@ -113,11 +113,18 @@ class MoEGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ modality-aware guidance, checkpoints
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        self._setup_modality_guidance(resume_from_checkpoint)
+        checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else None
+        checkpoint = checkpoint or (resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None)
+        if checkpoint is not None:
+            self._warn_on_changed_routing_options(checkpoint)
+        self._setup_modality_guidance(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _setup_modality_guidance(self, resume_from_checkpoint: str | bool | None) -> None:
-        """Load or measure the modality statistics and give the sampler its expert masks, before step 1."""
+    def _setup_modality_guidance(self, checkpoint: str | None) -> None:
+        """Load or measure the modality statistics and give the sampler its expert masks, before step 1.
+
+        Sources, first found wins: the checkpoint being resumed, `modality_stats_path`, a calibration pass.
+        """
         args = self.args
         if args.rollout_routing == "topk" or args.modality_mask_ratio == 0:
             return  # top-K rollouts draw nothing; ratio 0 is the modality-agnostic ablation
@@ -128,13 +135,9 @@ class MoEGRPOTrainer(GRPOTrainer):
                 "model), so rollouts sample from every expert."
             )
             return
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(args.output_dir)
-        if checkpoint and os.path.isfile(os.path.join(checkpoint, STATS_FILE)):
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, STATS_FILE)):
             source = os.path.join(checkpoint, STATS_FILE)
             stats = ModalityStatistics.load(source)
-            self._warn_on_changed_routing_options(checkpoint)
         elif args.modality_stats_path is not None:
             source = args.modality_stats_path
             stats = ModalityStatistics.load(source)

@@ -14,11 +14,18 @@ from .routing import RoutingController
 
 
 def measure(
-    model: torch.nn.Module, controller: RoutingController, processing_class, rows: list[dict], reward_fn, batch_size: int
+    model: torch.nn.Module,
+    controller: RoutingController,
+    processing_class,
+    rows: list[dict],
+    reward_fn,
+    batch_size: int,
 ) -> dict[str, Any]:
     """Accuracy per task (greedy, top-K), mean routing entropy and the expert load per layer on `rows`."""
     device = next(model.parameters()).device
-    counts = count_top_k_by_modality(model, controller, calibration_batches(processing_class, rows, batch_size, device))
+    counts = count_top_k_by_modality(
+        model, controller, calibration_batches(processing_class, rows, batch_size, device)
+    )
     load = counts.sum(1).float()  # [layers, experts]
     return {
         "accuracy": evaluate_accuracy(model, processing_class, rows, reward_fn, batch_size),
