@@ -7,11 +7,15 @@
 The recipe holds `MoEGRPOConfig` fields, TRL's `ModelConfig` fields and the `ScriptArguments` below; a key none of them
 knows is an error (a typo must not be silently ignored). Command-line flags override the recipe. With `report: true`
 the script measures held-out accuracy per task, routing entropy and expert utilization before and after training and
-writes `report.json`, `reward_curve.png` and `expert_utilization.png` to `output_dir`.
+writes `report.json`, `reward_curve.png` and `expert_utilization.png` to `output_dir`. Every run writes `run_info.json`
+there: what actually ran (world size, distributed type, the model's wrapper class, the DeepSpeed ZeRO stage).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -63,8 +67,8 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, MoEGRPOConfig
         return make_parser().parse_args_and_config(argv, fail_with_unknown_args=True)
     except ValueError as error:
         raise MoEGRPOError(
-            f"Malformed recipe or arguments: {str(error).rstrip('.')}. Every key must be a field of MoEGRPOConfig, trl.ModelConfig or "
-            "this script's ScriptArguments (see `python recipes/train.py --help`)."
+            f"Malformed recipe or arguments: {str(error).rstrip('.')}. Every key must be a field of MoEGRPOConfig, "
+            "trl.ModelConfig or this script's ScriptArguments (see `python recipes/train.py --help`)."
         ) from error
 
 
@@ -97,11 +101,69 @@ def load_model(model_args: ModelConfig, trust_remote_code: bool = False):
     return model, processor
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    from trl_moe_grpo.report import format_report, measure, write_report
-    from trl_moe_grpo.visual_mc import accuracy_reward
+def skip_deepspeed_shm_comm_build() -> None:
+    """Keep DeepSpeed on CPU from compiling its shared-memory all-reduce op when it starts up.
 
+    On DeepSpeed's CPU accelerator, its torch communication backend builds the `deepspeed_shm_comm` C++ extension at
+    distributed start-up: ~100 s the first time on a 2-core machine. Only DeepSpeed inference's
+    `inference_all_reduce` uses it; training's collectives go through torch.distributed (gloo) either way. Marking
+    the op incompatible skips the build. Must run before DeepSpeed's communication starts (the training arguments
+    can start it).
+    """
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def start_deepspeed_comm() -> None:
+    """Start DeepSpeed's communication layer before a ZeRO-3 model loads, where `use_cpu` left it off.
+
+    Under a ZeRO-3 config `from_pretrained` partitions the weights as it loads them (`deepspeed.zero.Init`) and takes
+    the world size from `deepspeed.comm`. On GPUs accelerate starts it with the process group; with `use_cpu`
+    (DeepSpeed on CPU) it starts only torch.distributed (gloo), so DeepSpeed would count one process and fail its
+    batch-size check (`16 != 8 * 1 * 1`). Started here, it reuses the gloo process group.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+        deepspeed.init_distributed(dist_backend=backend)
+
+
+def write_run_info(trainer: MoEGRPOTrainer, output_dir: str) -> dict:
+    """Write `run_info.json`: what ran (world size, distributed type, the model's wrapper, the ZeRO stage)."""
+    accelerator = trainer.accelerator
+    wrapped = trainer.model_wrapped
+    info = {
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "backend": accelerator.state.backend,
+        "device": str(accelerator.device),
+        "model_wrapped": type(wrapped).__name__,
+        "zero_stage": wrapped.zero_optimization_stage() if hasattr(wrapped, "zero_optimization_stage") else None,
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    from trl_moe_grpo.training_report import format_report, measure, write_report
+    from trl_moe_grpo.visual_mc import accuracy_reward
+    from trl_moe_grpo.zero3 import gathered_parameters
+
+    skip_deepspeed_shm_comm_build()
     script_args, training_args, model_args = parse(argv)
+    start_deepspeed_comm()
     model, processor = load_model(model_args, training_args.trust_remote_code)
     train, test = load_data(script_args)
     held_out = [test[i] for i in range(min(script_args.num_test_examples, len(test)))]
@@ -118,9 +180,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     # Every process measures (ZeRO-3 needs all ranks in each forward); only the main process writes.
     before = None
     if script_args.report:
-        before = measure(trainer.routing_model, trainer.routing, processor, held_out, accuracy_reward, batch)
+        with gathered_parameters(trainer.routing_model):
+            before = measure(trainer.routing_model, trainer.routing, processor, held_out, accuracy_reward, batch)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        write_run_info(trainer, training_args.output_dir)
     if not script_args.report:
         return None
     after = measure(trainer.routing_model, trainer.routing, processor, held_out, accuracy_reward, batch)

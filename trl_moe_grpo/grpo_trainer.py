@@ -35,6 +35,7 @@ from .guidance import ModalityStatistics, calibrate, vision_token_ids
 from .losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
 from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
+from .zero3 import gathered_parameters
 
 logger = logging.get_logger(__name__)
 
@@ -143,7 +144,10 @@ class MoEGRPOTrainer(GRPOTrainer):
             stats = ModalityStatistics.load(source)
         else:
             rows = list(itertools.islice(iter(self.train_dataset), args.modality_calibration_samples))
-            stats = calibrate(model, self.routing, self.processing_class, rows, args.per_device_train_batch_size)
+            # Before `train()` builds the DeepSpeed engine nothing gathers ZeRO-3-partitioned parameters: gather
+            # them for this no-grad pass (every rank runs it on the same rows), as TRL does for generation.
+            with gathered_parameters(model):
+                stats = calibrate(model, self.routing, self.processing_class, rows, args.per_device_train_batch_size)
             source = f"a top-K calibration pass over {len(rows)} training prompts"
             if args.should_save:
                 stats.save(os.path.join(args.output_dir, STATS_FILE), args.modality_mask_ratio)

@@ -1,0 +1,164 @@
+"""Two processes under `accelerate launch`: `recipes/train.py` with DDP and with DeepSpeed ZeRO-2 and ZeRO-3, on CPU.
+
+Each test launches the quickstart recipe on 2 gloo ranks for 2 steps, on a tiny InternVL-MoE saved to a temp folder,
+and asserts what actually ran from the recipe's `run_info.json`: on CPU, accelerate can silently start one process or
+leave DeepSpeed off (DESIGN §6), so a finished run proves nothing by itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT = 300  # seconds; a launch takes ~15-25 s on 2 cores
+TAIL = 6000  # characters of output shown when a launch fails
+
+pytestmark = pytest.mark.slow
+needs_deepspeed = pytest.mark.skipif(
+    find_spec("deepspeed") is None, reason="deepspeed is not installed (`pip install -e '.[dev]'`)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny InternVL-MoE and its processor, saved, plus the modality statistics the recipe would calibrate."""
+    from trl_moe_grpo.guidance import calibrate, vision_token_ids
+    from trl_moe_grpo.routing import RoutingController
+    from trl_moe_grpo.tiny import build_tiny_internvl_processor, tiny_moe_internvl
+    from trl_moe_grpo.visual_mc import visual_mc_dataset
+
+    folder = tmp_path_factory.mktemp("tiny-internvl-moe")
+    model, processor = tiny_moe_internvl(seed=0), build_tiny_internvl_processor()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    # The same 16 training prompts and batch size the recipe's own calibration pass uses (see `launch`).
+    processor.tokenizer.padding_side = "left"
+    rows = [row for _, row in zip(range(16), visual_mc_dataset(64, 16, seed=0)["train"])]
+    controller = RoutingController(model, vision_token_ids=vision_token_ids(model))
+    calibrate(model, controller, processor, rows, batch_size=8).save(folder / "modality_statistics.json", 0.25)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LaunchFailed(AssertionError):
+    def __init__(self, returncode: int, output: str):
+        super().__init__(f"`accelerate launch` exited with {returncode}:\n{output[-TAIL:]}")
+        self.output = output
+
+
+def launch(accelerate_config: str, model: Path, output_dir: Path, *flags: str) -> str:
+    """Run the quickstart recipe on 2 processes; return its output, or fail with the output's tail."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", f"recipes/accelerate/{accelerate_config}",
+        "--main_process_port", str(free_port()),
+        "recipes/train.py", "--config", "recipes/quickstart.yaml",
+        "--model_name_or_path", str(model), "--output_dir", str(output_dir),
+        "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true",
+        "--num_train_examples", "64", "--num_test_examples", "16", "--modality_calibration_samples", "16",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        *flags,
+    ]  # fmt: skip
+    # No GPU even where there is one: these are the CPU (gloo) set-ups. No hub: everything is local.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+        output, _ = process.communicate()
+        pytest.fail(f"`accelerate launch` ran past {LAUNCH_TIMEOUT} s (a hung collective?):\n{output[-TAIL:]}")
+    if process.returncode != 0:
+        raise LaunchFailed(process.returncode, output)
+    return output
+
+
+def run_info(output_dir: Path, output: str) -> dict:
+    path = output_dir / "run_info.json"
+    assert path.is_file(), f"recipes/train.py wrote no run_info.json:\n{output[-TAIL:]}"
+    return json.loads(path.read_text())
+
+
+def step_losses(output: str) -> list[float]:
+    """The `loss` of every logged training step, from the log dicts the main process prints.
+
+    Matched as dicts, not lines: the other rank's output can land on the same line (each dict is one write, so it is
+    never split itself).
+    """
+    return [float(ast.literal_eval(match)["loss"]) for match in re.findall(r"\{'loss': [^{}]*\}", output)]
+
+
+def assert_trained(output: str, steps: int = 2) -> None:
+    losses = step_losses(output)
+    assert len(losses) == steps, f"expected {steps} logged losses, got {losses}:\n{output[-TAIL:]}"
+    assert all(math.isfinite(loss) for loss in losses), losses
+
+
+def assert_two_ranks(info: dict, distributed_type: str, wrapper: str, zero_stage: int | None) -> None:
+    assert info["world_size"] == 2, info
+    assert info["backend"] == "gloo" and info["device"].startswith("cpu"), info
+    assert info["distributed_type"] == distributed_type, info
+    assert info["model_wrapped"] == wrapper, info
+    assert info["zero_stage"] == zero_stage, info
+
+
+def test_ddp_two_processes(tiny_model, tmp_path):
+    output = launch("multi_process.yaml", tiny_model, tmp_path)
+    assert_two_ranks(run_info(tmp_path, output), "MULTI_CPU", "DistributedDataParallel", None)
+    assert_trained(output)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for when in ("before", "after"):
+        accuracy = report["held_out_accuracy"][when]
+        assert set(accuracy) >= {"all", "colour", "shape", "count", "position"}, accuracy
+        assert all(0.0 <= value <= 1.0 for value in accuracy.values()), accuracy
+        assert math.isfinite(report["routing_entropy"][when]) and report["routing_entropy"][when] > 0, report
+    assert [r["step"] for r in report["rewards"]] == [1, 2], report["rewards"]
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_two_processes(tiny_model, tmp_path):
+    # DeepSpeed from the accelerate config alone (its `deepspeed_config_file`), no `--deepspeed` training argument.
+    output = launch("deepspeed_zero2_cpu.yaml", tiny_model, tmp_path, "--report", "false")
+    assert_two_ranks(run_info(tmp_path, output), "DEEPSPEED", "DeepSpeedEngine", 2)
+    assert_trained(output)
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_two_processes(tiny_model, tmp_path):
+    # The `--deepspeed` training-argument path (DeepSpeed's communication started before the partitioned load, by
+    # recipes/train.py), with the report: its before/after measurements run on every rank, on the same rows. The
+    # trainer calibrates its modality masks on parameters ZeRO-3 partitioned at load, gathering them for that pass.
+    output = launch(
+        "deepspeed_zero3_cpu.yaml", tiny_model, tmp_path, "--deepspeed", "recipes/deepspeed/zero3_cpu.json"
+    )
+    assert_two_ranks(run_info(tmp_path, output), "DEEPSPEED", "DeepSpeedEngine", 3)
+    assert_trained(output)
+    calibrated = json.loads((tmp_path / "modality_statistics.json").read_text())
+    single_process = json.loads((tiny_model / "modality_statistics.json").read_text())
+    assert calibrated["layers"] == single_process["layers"]  # the same counts and masks as one process measures
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert math.isfinite(report["routing_entropy"]["after"]), report
+    # The ZeRO-3 save gathers the partitioned weights; the folder must load back whole.
+    from transformers import AutoModelForImageTextToText
+
+    _, loading = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(loading.values()), loading
