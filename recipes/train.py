@@ -66,10 +66,13 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, MoEGRPOConfig
     try:
         return make_parser().parse_args_and_config(argv, fail_with_unknown_args=True)
     except ValueError as error:
-        raise MoEGRPOError(
-            f"Malformed recipe or arguments: {str(error).rstrip('.')}. Every key must be a field of MoEGRPOConfig, "
-            "trl.ModelConfig or this script's ScriptArguments (see `python recipes/train.py --help`)."
-        ) from error
+        message = str(error).rstrip(".")
+        if "Unknown arguments" in message:
+            message += (
+                ". Every key must be a field of MoEGRPOConfig, trl.ModelConfig or this script's ScriptArguments "
+                "(see `python recipes/train.py --help`)"
+            )
+        raise MoEGRPOError(f"Malformed recipe or arguments: {message}.") from error
 
 
 def load_data(script_args: ScriptArguments):
