@@ -2,10 +2,11 @@
 
 Four task types over small synthetic images: the `colour` of a shape, the `shape` itself, the `count` of squares and
 the `position` of a dot. Each question lists four options A-D (in a fixed order per task); the answer letter is
-balanced across A-D. Everything is
-deterministic by seed, so a train and a test split never depend on anything but their seeds. Rows are in TRL's
-conversational vision-language format: a `prompt` with an image placeholder, the `image`, the `answer` letter and the
-`task` name.
+balanced across A-D. The renderings are tuned so that a tiny model learns the four tasks at similar speeds: colour is a
+small shape in a jittered shade, shape a large one, position a small dot anywhere in the triangle between the centre
+and its side. Everything is deterministic by seed, so a train and a test split never depend on anything but their
+seeds. Rows are in TRL's conversational vision-language format: a `prompt` with an image placeholder, the `image`, the
+`answer` letter and the `task` name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ IMAGE_SIZE = 56
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 210, 40)}
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("top", "bottom", "left", "right")
+BACKGROUND, INK = (245, 245, 245), (30, 30, 30)
+COLOUR_JITTER = 30  # per channel, for the colour task
+DOT_MARGIN = 6  # pixels between the position dot's centre and the diagonals / the centre
 QUESTIONS = {"colour": "Colour?", "shape": "Shape?", "count": "How many?", "position": "Where?"}
 
 
@@ -39,13 +43,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 
 def _render(task: str, value, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     s = IMAGE_SIZE
     if task in ("colour", "shape"):
-        colour = COLOURS[value] if task == "colour" else COLOURS[rng.choice(list(COLOURS))]
-        shape = value if task == "shape" else rng.choice(SHAPES)
-        size = rng.randint(s // 2, 3 * s // 4)
+        if task == "colour":
+            # A small shape in a jittered shade: colour is the easiest property to read, so it gets the least pixels.
+            colour = tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[value])
+            shape, size = rng.choice(SHAPES), rng.randint(s // 5, 2 * s // 5)
+        else:
+            colour, shape, size = COLOURS[rng.choice(list(COLOURS))], value, rng.randint(s // 2, 4 * s // 5)
         x, y = rng.randint(2, s - size - 2), rng.randint(2, s - size - 2)
         _draw_shape(draw, shape, (x, y, x + size, y + size), colour)
     elif task == "count":
@@ -54,18 +61,21 @@ def _render(task: str, value, rng: random.Random) -> Image.Image:
             cx, cy = (cell % 2) * s // 2, (cell // 2) * s // 2
             size = rng.randint(s // 6, s // 4)
             x, y = cx + rng.randint(2, s // 2 - size - 2), cy + rng.randint(2, s // 2 - size - 2)
-            draw.rectangle((x, y, x + size, y + size), fill=(30, 30, 30))
+            draw.rectangle((x, y, x + size, y + size), fill=INK)
     elif task == "position":
-        r = s // 8
-        centre = {
-            "top": (s // 2, s // 6),
-            "bottom": (s // 2, 5 * s // 6),
-            "left": (s // 6, s // 2),
-            "right": (5 * s // 6, s // 2),
-        }
-        cx, cy = centre[value]
-        cx, cy = cx + rng.randint(-3, 3), cy + rng.randint(-3, 3)
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(30, 30, 30))
+        # A small dot anywhere in the triangle between the image's centre and the named side (clear of the diagonals),
+        # so the answer is a diagonal boundary, not a fixed spot.
+        r = s // 10
+        depth = rng.randint(2 * r, s // 2 - r - 2)  # from the centre towards the side; the dot never covers it
+        offset = rng.randint(-(depth - DOT_MARGIN), depth - DOT_MARGIN)  # along the side, inside the triangle
+        dx, dy = {
+            "top": (offset, -depth),
+            "bottom": (offset, depth),
+            "left": (-depth, offset),
+            "right": (depth, offset),
+        }[value]
+        cx, cy = s // 2 + dx, s // 2 + dy
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=INK)
     return image
 
 
