@@ -77,14 +77,13 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, MoEGRPOConfig
 
 def load_data(script_args: ScriptArguments):
     from trl_moe_grpo.loading import load_dataset_split
-    from trl_moe_grpo.visual_mc import visual_mc_dataset
 
+    options = {}
     if script_args.dataset_name == "visual_mc":
-        sizes = (script_args.num_train_examples, script_args.num_test_examples)
-        data = visual_mc_dataset(*sizes, seed=script_args.dataset_seed)
-        return data[script_args.dataset_train_split], data[script_args.dataset_test_split]
-    train = load_dataset_split(script_args.dataset_name, script_args.dataset_train_split)
-    test = load_dataset_split(script_args.dataset_name, script_args.dataset_test_split)
+        sizes = {"num_train": script_args.num_train_examples, "num_test": script_args.num_test_examples}
+        options = {**sizes, "seed": script_args.dataset_seed}
+    train = load_dataset_split(script_args.dataset_name, script_args.dataset_train_split, **options)
+    test = load_dataset_split(script_args.dataset_name, script_args.dataset_test_split, **options)
     return train, test
 
 

@@ -24,9 +24,15 @@ def load_model_and_processor(name_or_path: str, trust_remote_code: bool = False)
     return model, processor, vision_token_ids(model)
 
 
-def load_dataset_split(name_or_path: str, split: str = "train"):
-    """One split of a dataset saved with `save_to_disk`, a data file (json/jsonl/csv/parquet) or a hub name."""
+def load_dataset_split(name_or_path: str, split: str = "train", **visual_mc_options):
+    """One split of a dataset: `visual_mc` (generated, see `visual_mc.py`), a folder saved with `save_to_disk`, a data
+    file (json/jsonl/csv/parquet) or a hub name. `visual_mc_options` go to `visual_mc_dataset` (sizes, seed)."""
     import datasets
+
+    if name_or_path == "visual_mc":
+        from .visual_mc import visual_mc_dataset
+
+        return visual_mc_dataset(**visual_mc_options)[split]
 
     if os.path.isdir(name_or_path) and any(
         os.path.exists(os.path.join(name_or_path, f)) for f in ("dataset_info.json", "dataset_dict.json")

@@ -11,6 +11,7 @@ seeds. Rows are in TRL's conversational vision-language format: a `prompt` with 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -101,6 +102,7 @@ def visual_mc_rows(num_examples: int, seed: int = 0, tasks: tuple[str, ...] = TA
     return [make_example(tasks[i % len(tasks)], i // len(tasks), seed) for i in range(num_examples)]
 
 
+@functools.lru_cache(maxsize=4)  # a recipe asks for its train and its test split: render them once
 def visual_mc_dataset(num_train: int = 512, num_test: int = 128, seed: int = 0):
     """A `DatasetDict` with `train` and `test` splits drawn with different seeds."""
     from datasets import Dataset, DatasetDict
