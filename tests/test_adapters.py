@@ -6,11 +6,10 @@ import importlib
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from trl_moe_grpo import MoEGRPOError, RoutingController
 from trl_moe_grpo.routing import ROUTER_ADAPTERS, find_routers
-from trl_moe_grpo.tiny import tiny_moe_model
+from trl_moe_grpo.tiny import tiny_dense_model, tiny_moe_model
 
 # Family -> (router class, transformers module defining it).
 FAMILY_ROUTERS = {
@@ -189,17 +188,7 @@ def test_unknown_router_class_is_an_error_listing_supported_ones():
 
 def test_dense_model_is_an_error():
     """A dense model (no router at all) raises `MoEGRPOError` saying it has no Mixture-of-Experts router."""
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=46,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    model = Qwen3ForCausalLM(config).eval()
+    model = tiny_dense_model("qwen3")
     with pytest.raises(MoEGRPOError, match="no Mixture-of-Experts router") as error:
         RoutingController(model)
     assert "Qwen3ForCausalLM" in str(error.value)

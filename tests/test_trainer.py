@@ -8,7 +8,7 @@ from conftest import config_values, digit_share, make_config
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_moe_grpo import MoEGRPOConfig, MoEGRPOError, MoEGRPOTrainer
-from trl_moe_grpo.tiny import tiny_moe_model
+from trl_moe_grpo.tiny import tiny_dense_model, tiny_moe_model
 
 MOE_KEYS = ("routed_experts", "old_gate_logps", "num_gate_items_in_batch")
 
@@ -174,20 +174,9 @@ def test_greedy_decoding_follows_routing(tmp_path, tokenizer, dataset):
 
 
 def test_dense_model_is_rejected(tmp_path, tokenizer, dataset):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
     with pytest.raises(MoEGRPOError, match="no Mixture-of-Experts router"):
         MoEGRPOTrainer(
-            Qwen3ForCausalLM(config),
+            tiny_dense_model("qwen3"),
             digit_share,
             args=make_config(tmp_path),
             train_dataset=dataset,

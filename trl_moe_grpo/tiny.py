@@ -49,6 +49,25 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def _decoder_args(vocab_size: int) -> dict:
+    """What every tiny decoder here shares: 2 layers, hidden size 32, the character tokenizer's special ids."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        # At the usual 0.02 the experts barely move a 32-wide residual stream and every routing decodes the same
+        # text; 0.1 makes routing (and small weight changes) matter, as in trained models.
+        initializer_range=0.1,
+    )
+
+
 def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(VOCAB), **overrides):
     """Config of a 2-layer MoE model of `family` with 8 experts, top-2, hidden size 32.
 
@@ -63,23 +82,7 @@ def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(VOCAB), **o
         Qwen3MoeConfig,
     )
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        num_experts_per_tok=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-        # At the usual 0.02 the experts barely move a 32-wide residual stream and every routing decodes the same
-        # text; 0.1 makes routing matter, as it does in trained models.
-        initializer_range=0.1,
-    )
+    common = dict(**_decoder_args(vocab_size), num_experts_per_tok=2, tie_word_embeddings=False)
     if family == "qwen3_moe":
         config = Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=16, head_dim=8, norm_topk_prob=True)
     elif family == "qwen2_moe":
@@ -312,20 +315,7 @@ def tiny_dense_config(family: str = "qwen3", vocab_size: int = len(VOCAB), **ove
     """
     from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        initializer_range=0.1,  # as in `tiny_moe_config`: large enough that small changes show in the text
-    )
+    common = dict(**_decoder_args(vocab_size), head_dim=8)
     if family == "qwen3":
         config = Qwen3Config(**common, tie_word_embeddings=False)
     elif family == "llama":
