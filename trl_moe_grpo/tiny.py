@@ -159,11 +159,10 @@ def build_tiny_internvl_processor(image_size: int = TINY_IMAGE_SIZE, image_seq_l
     )
 
 
-def tiny_moe_internvl(seed: int = 0) -> PreTrainedModel:
-    """A randomly initialized (seeded) tiny `InternVLForConditionalGeneration` whose language model is Qwen3-MoE."""
+def _tiny_internvl(text_config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A seeded tiny InternVL: a 1-layer vision tower on 28x28 images, one image token, and `text_config`."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
-    tokenizer = build_char_tokenizer()
     vision = InternVLVisionConfig(
         hidden_size=16,
         intermediate_size=32,
@@ -175,14 +174,19 @@ def tiny_moe_internvl(seed: int = 0) -> PreTrainedModel:
     )
     config = InternVLConfig(
         vision_config=vision,
-        text_config=tiny_moe_config("qwen3_moe").to_dict(),
-        image_token_id=tokenizer.context_image_token_id,
+        text_config=text_config.to_dict(),
+        image_token_id=VOCAB.index(IMAGE_TOKENS["context_image_token"]),
         downsample_ratio=0.5,
         image_seq_length=1,
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration._from_config(config, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+def tiny_moe_internvl(seed: int = 0) -> PreTrainedModel:
+    """A randomly initialized (seeded) tiny `InternVLForConditionalGeneration` whose language model is Qwen3-MoE."""
+    return _tiny_internvl(tiny_moe_config("qwen3_moe"), seed)
 
 
 # Qwen3-VL: the character tokenizer with Qwen's vision tokens (after the alphabet, so text ids stay put), and a vision
@@ -338,24 +342,4 @@ def tiny_dense_model(family: str = "qwen3", seed: int = 0, config: PretrainedCon
 
 def tiny_dense_internvl(seed: int = 0) -> PreTrainedModel:
     """A randomly initialized (seeded) tiny `InternVLForConditionalGeneration` whose language model is dense Qwen3."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
-
-    vision = InternVLVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=TINY_IMAGE_SIZE // 2,
-        initializer_range=0.1,
-    )
-    config = InternVLConfig(
-        vision_config=vision,
-        text_config=tiny_dense_config("qwen3").to_dict(),
-        image_token_id=VOCAB.index(IMAGE_TOKENS["context_image_token"]),
-        downsample_ratio=0.5,
-        image_seq_length=1,
-    )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration._from_config(config, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
+    return _tiny_internvl(tiny_dense_config("qwen3"), seed)
