@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_config
 from datasets import Dataset
 from PIL import Image
 from trl.trainer.utils import pad
@@ -59,25 +60,9 @@ def chat_inputs(processor, messages, **kwargs):
 
 
 def moe_config(tmp_path, **overrides) -> MoEGRPOConfig:
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        router_aux_loss_coef=0.01,
-        modality_calibration_samples=8,
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return MoEGRPOConfig(**values)
+    """The shared test config, with a balance loss and a short calibration pass for this vision model."""
+    values = dict(max_completion_length=4, router_aux_loss_coef=0.01, modality_calibration_samples=8)
+    return make_config(tmp_path, **{**values, **overrides})
 
 
 def test_processor_tokens_and_model_generate(processor):

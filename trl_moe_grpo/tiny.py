@@ -96,11 +96,9 @@ def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = len(VOCAB), **o
     elif family == "gpt_oss":
         config = GptOssConfig(**common, num_local_experts=8, head_dim=8, layer_types=["full_attention"] * 2)
     elif family == "deepseek_v3":
-        common.pop("intermediate_size")
         common["num_key_value_heads"] = common["num_attention_heads"]  # multi-head latent attention
         config = DeepseekV3Config(
             **common,
-            intermediate_size=64,
             moe_intermediate_size=16,
             n_routed_experts=8,
             n_shared_experts=1,
@@ -261,22 +259,12 @@ def tiny_moe_qwen3_vl(seed: int = 0) -> PreTrainedModel:
 
     tokenizer = build_qwen3_vl_tokenizer()
     text = dict(
-        vocab_size=len(QWEN3_VL_VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_decoder_args(len(QWEN3_VL_VOCAB)),  # pad and EOS ids as the character tokenizer's: 0 and 1
         head_dim=8,
-        max_position_embeddings=256,
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
         tie_word_embeddings=False,
-        initializer_range=0.1,  # as in tiny_moe_config: routing must matter
         # head_dim 8 has 4 rotary frequencies: 2 temporal, 1 height, 1 width.
         rope_parameters={
             "rope_type": "default",
