@@ -1,7 +1,7 @@
 """Train an MoE model with MoE-GRPO from a TRL-style YAML recipe.
 
     accelerate launch recipes/train.py --config recipes/quickstart.yaml
-    accelerate launch --config_file recipes/accelerate/multi_process.yaml recipes/train.py \
+    accelerate launch --config_file recipes/accelerate_configs/multi_process.yaml recipes/train.py \
         --config recipes/quickstart.yaml
 
 The recipe holds `MoEGRPOConfig` fields, TRL's `ModelConfig` fields and the `ScriptArguments` below; a key none of them
@@ -13,7 +13,6 @@ there: what actually ran (world size, distributed type, the model's wrapper clas
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -112,7 +111,10 @@ def skip_deepspeed_shm_comm_build() -> None:
     the op incompatible skips the build. Must run before DeepSpeed's communication starts (the training arguments
     can start it).
     """
-    if importlib.util.find_spec("deepspeed") is None:
+    from accelerate.utils import is_deepspeed_available
+
+    # accelerate's check, not `find_spec`: a folder named `deepspeed` on `sys.path` is not the package.
+    if not is_deepspeed_available():
         return
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator

@@ -16,10 +16,10 @@ import signal
 import socket
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from accelerate.utils import is_deepspeed_available
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 300  # seconds; a launch takes ~15-25 s on 2 cores
@@ -27,7 +27,7 @@ TAIL = 6000  # characters of output shown when a launch fails
 
 pytestmark = pytest.mark.slow
 needs_deepspeed = pytest.mark.skipif(
-    find_spec("deepspeed") is None, reason="deepspeed is not installed (`pip install -e '.[dev]'`)"
+    not is_deepspeed_available(), reason="deepspeed is not installed (`pip install -e '.[dev]'`)"
 )
 
 
@@ -67,7 +67,7 @@ def launch(accelerate_config: str, model: Path, output_dir: Path, *flags: str) -
     """Run the quickstart recipe on 2 processes; return its output, or fail with the output's tail."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", f"recipes/accelerate/{accelerate_config}",
+        "--config_file", f"recipes/accelerate_configs/{accelerate_config}",
         "--main_process_port", str(free_port()),
         "recipes/train.py", "--config", "recipes/quickstart.yaml",
         "--model_name_or_path", str(model), "--output_dir", str(output_dir),
@@ -147,9 +147,8 @@ def test_deepspeed_zero3_two_processes(tiny_model, tmp_path):
     # The `--deepspeed` training-argument path (DeepSpeed's communication started before the partitioned load, by
     # recipes/train.py), with the report: its before/after measurements run on every rank, on the same rows. The
     # trainer calibrates its modality masks on parameters ZeRO-3 partitioned at load, gathering them for that pass.
-    output = launch(
-        "deepspeed_zero3_cpu.yaml", tiny_model, tmp_path, "--deepspeed", "recipes/deepspeed/zero3_cpu.json"
-    )
+    deepspeed_json = "recipes/accelerate_configs/deepspeed_zero3_cpu.json"
+    output = launch("deepspeed_zero3_cpu.yaml", tiny_model, tmp_path, "--deepspeed", deepspeed_json)
     assert_two_ranks(run_info(tmp_path, output), "DEEPSPEED", "DeepSpeedEngine", 3)
     assert_trained(output)
     calibrated = json.loads((tmp_path / "modality_statistics.json").read_text())
