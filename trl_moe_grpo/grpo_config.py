@@ -35,6 +35,9 @@ class MoEGRPOConfig(GRPOConfig):
         routing_replay (`bool`, *optional*, defaults to `True`):
             Compute the training log-probabilities with each rollout's recorded routing replayed. `False` is the
             "no replay" ablation: the training forward uses the live top-K.
+        token_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the Token-GRPO term (TRL's token loss, under replay). `0` trains the routing alone: the
+            "gate-only" ablation.
         gate_loss_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the Gate-GRPO term: TRL's clipped objective applied to the probability each layer's gate gives
             to the expert set that was chosen. `0` turns it off.
@@ -46,6 +49,10 @@ class MoEGRPOConfig(GRPOConfig):
             Probability of the chosen experts scored by Gate-GRPO: `"set"`, the exact probability of the unordered
             set under sampling without replacement (top_k <= 4; larger top_k falls back to the order), or
             `"ordered"`, the probability of the recorded draw order.
+        router_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Peak learning rate of the router weights, shaped by the same scheduler as `learning_rate`. `None` uses
+            `learning_rate`. Upcycled routers start near zero, so at RL learning rates their routing barely moves in
+            a short run; a larger router learning rate lets it.
 
         > Parameters that control modality-aware router guidance (vision-language models)
 
@@ -97,6 +104,10 @@ class MoEGRPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Replay each rollout's recorded routing when computing training log-probabilities."},
     )
+    token_loss_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the Token-GRPO term (0 trains the routing alone: the gate-only ablation)."},
+    )
     gate_loss_coef: float = field(
         default=1.0,
         metadata={"help": "Weight of the Gate-GRPO term (0 turns it off)."},
@@ -108,6 +119,10 @@ class MoEGRPOConfig(GRPOConfig):
     gate_set_logprob: Literal["set", "ordered"] = field(
         default="set",
         metadata={"help": "Score the chosen experts as an unordered 'set' (exact, top_k <= 4) or in drawn 'ordered'."},
+    )
+    router_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the router weights (None: learning_rate)."},
     )
 
     modality_mask_ratio: float = field(
@@ -141,8 +156,13 @@ class MoEGRPOConfig(GRPOConfig):
             raise MoEGRPOError(
                 f"`modality_calibration_samples` must be at least 1, got {self.modality_calibration_samples}."
             )
-        if self.gate_loss_coef < 0:
-            raise MoEGRPOError(f"`gate_loss_coef` must be >= 0, got {self.gate_loss_coef}.")
+        for name in ("token_loss_coef", "gate_loss_coef"):
+            if getattr(self, name) < 0:
+                raise MoEGRPOError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.token_loss_coef == 0 and self.gate_loss_coef == 0:
+            raise MoEGRPOError("`token_loss_coef` and `gate_loss_coef` are both 0: nothing would be trained.")
+        if self.router_learning_rate is not None and self.router_learning_rate < 0:
+            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
         if self.gate_loss_coef > 0 and self.loss_type not in GATE_LOSS_TYPES:
             raise MoEGRPOError(
                 f"Gate-GRPO supports loss_type in {GATE_LOSS_TYPES}, got {self.loss_type!r}. Choose one of those, or "

@@ -10,6 +10,7 @@ How it hooks into TRL (each override is the narrowest method that does the job a
   Token-GRPO is therefore TRL's own token loss, computed under replay.
 - `_compute_loss`: adds Gate-GRPO and the load-balancing loss on the routed sets, from what the replayed forward
   captured.
+- `create_optimizer`: an optional learning rate of the routers' own (`router_learning_rate`).
 - `training_step` / `prediction_step`: bound the replay state to the whole step, backward (checkpoint recompute)
   included.
 """
@@ -33,6 +34,7 @@ from .errors import MoEGRPOError
 from .grpo_config import MoEGRPOConfig
 from .guidance import ModalityStatistics, calibrate, vision_token_ids
 from .losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
+from .optim import set_router_learning_rate
 from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
 from .zero3 import gathered_parameters
@@ -47,6 +49,7 @@ ROUTING_OPTIONS = (
     "routing_noise_std",
     "greedy_decoding",
     "routing_replay",
+    "token_loss_coef",
     "gate_loss_coef",
     "gate_loss_positions",
     "gate_set_logprob",
@@ -165,6 +168,12 @@ class MoEGRPOTrainer(GRPOTrainer):
         """The model the routing controller is installed on (the base model under PEFT)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.args.router_learning_rate is not None:
+            set_router_learning_rate(optimizer, self.routing.router_parameters(), self.args.router_learning_rate)
+        return optimizer
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -270,7 +279,7 @@ class MoEGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         self._batch_routes = inputs["routed_experts"]
         token_loss = super()._compute_loss(model, inputs)
-        return token_loss + self._routing_loss(inputs)
+        return self.args.token_loss_coef * token_loss + self._routing_loss(inputs)
 
     def _gate_mask(self, routes: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
         """`[batch, tokens]` bool: the positions whose recorded routing Gate-GRPO trains."""

@@ -117,6 +117,10 @@ class RoutingController:
             handle.remove()
         self._handles.clear()
 
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The parameters of every router module (the gates MoE-GRPO trains), in layer order."""
+        return [p for adapter in self.adapters for p in adapter.router.parameters()]
+
     def set_expert_masks(self, masks: torch.Tensor | None) -> None:
         """Per-layer, per-modality experts that sampling may draw: `[layers, 2, experts]` bool (True = allowed)."""
         if masks is not None:
