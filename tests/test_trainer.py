@@ -135,6 +135,48 @@ def test_training_end_to_end(tmp_path, tokenizer, dataset, family):
     assert metrics["eval_routing/sampled_differs_from_topk"] == 0.0  # evaluation routes like inference
 
 
+def test_gate_only_ablation_leaves_the_token_path_untrained(tmp_path, tokenizer, dataset):
+    """token_loss_coef=0: one step moves every router, but nothing only the token loss reaches (the final norm, the
+    LM head, the last layer's experts); the gate loss still reaches what computes the routers' inputs."""
+    trainer = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=5),
+        digit_share,
+        args=make_config(tmp_path, max_steps=1, token_loss_coef=0.0, weight_decay=0.0),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    assert not trainer.model.config.tie_word_embeddings
+    routers = {id(p) for p in trainer.routing.router_parameters()}
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(before[name], p.detach())}
+    router_names = {name for name, p in trainer.model.named_parameters() if id(p) in routers}
+    last = trainer.model.config.num_hidden_layers - 1
+    token_only = {"lm_head.weight", "model.norm.weight"} | {
+        name for name in before if name.startswith(f"model.layers.{last}.mlp.experts.")
+    }
+    assert router_names and router_names <= changed
+    assert len(token_only) == 4 and not token_only & changed
+
+
+def test_router_learning_rate_gets_its_own_param_group(tmp_path, tokenizer, dataset):
+    trainer = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=5),
+        digit_share,
+        args=make_config(tmp_path, learning_rate=1e-5, router_learning_rate=3e-3, lr_scheduler_type="constant"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    routers = {id(p) for p in trainer.routing.router_parameters()}
+    by_lr: dict[float, set[int]] = {}
+    for group in trainer.optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(id(p) for p in group["params"])
+    assert by_lr.pop(3e-3) == routers
+    assert set(by_lr) == {1e-5} and not by_lr[1e-5] & routers
+    assert len(by_lr[1e-5]) + len(routers) == sum(1 for p in trainer.model.parameters() if p.requires_grad)
+
+
 def test_reused_generations_score_old_gate_logps(tmp_path, tokenizer, dataset):
     """With num_iterations > 1 the old gate log-probs come from a replayed no-grad forward right after generation."""
     trainer = MoEGRPOTrainer(
@@ -206,6 +248,9 @@ def test_tools_are_rejected(tmp_path, tokenizer, dataset):
         ({"gate_set_logprob": "bag"}, "gate_set_logprob"),
         ({"routing_noise_std": 0.0}, "routing_noise_std"),
         ({"gate_loss_coef": -1.0}, "gate_loss_coef"),
+        ({"token_loss_coef": -1.0}, "token_loss_coef"),
+        ({"token_loss_coef": 0.0, "gate_loss_coef": 0.0}, "nothing would be trained"),
+        ({"router_learning_rate": -1.0}, "router_learning_rate"),
         ({"loss_type": "cispo"}, "loss_type"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ({"use_liger_kernel": True}, "use_liger_kernel"),
