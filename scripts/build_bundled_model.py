@@ -3,9 +3,11 @@
 1. A tiny dense InternVL-style vision-language model (InternViT-style vision tower, pixel-shuffle projector, Qwen3
    language model) with the project's character tokenizer and an `InternVLProcessor`: 56x56 images in 7x7 patches,
    pixel-shuffled into 16 image tokens.
-2. A brief supervised fine-tune on the multi-task visual multiple-choice training split (`visual_mc`), stopped as soon
-   as the validation accuracy is clearly above chance (25%) on every task and overall, far from saturated, so that
-   reinforcement learning has room to act.
+2. A brief supervised fine-tune on the multi-task visual multiple-choice training split (`visual_mc`: four one-image
+   tasks, a four-frame video task and a four-image task), stopped as soon as the validation accuracy is clearly above
+   chance (25%) on every task and overall, or reaches `--max-accuracy` overall, far from saturated, so that
+   reinforcement learning has room to act. (With seed 0 the four-image `find` task is still at chance when the cap
+   stops it: the report says so per task.)
 3. Upcycling of its language model into a Qwen3-MoE (8 experts, top-2) by the project's own upcycler, `noise` init
    with `--noise-std 0.3`: the upcycler's default (0.01) keeps the experts so alike that the rollouts of a prompt
    almost never disagree on this tiny model, which leaves MoE-GRPO nothing to learn from (the report measures both).
@@ -119,12 +121,13 @@ def dense_model(processor, seed: int):
 
 def supervised_batch(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
     """Prompt + answer letter + EOS, left-padded; the loss is on the answer and the EOS only."""
-    conversations = []
-    for row in rows:
-        prompt = [
-            {"role": "user", "content": [{"type": "image", "image": row["image"]}, *row["prompt"][0]["content"][1:]]}
-        ]
-        conversations.append(prompt + [{"role": "assistant", "content": row["answer"]}])
+    from trl.data_utils import prepare_multimodal_messages
+
+    conversations = [
+        prepare_multimodal_messages(row["prompt"], images=row["images"])
+        + [{"role": "assistant", "content": row["answer"]}]
+        for row in rows
+    ]
     processor.tokenizer.padding_side = "left"
     inputs = encode_conversations(processor, conversations, add_generation_prompt=False)
     labels = torch.full_like(inputs["input_ids"], -100)
@@ -133,21 +136,28 @@ def supervised_batch(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def encode_rows(processor, rows: list[dict], chunk: int = 256) -> dict[str, torch.Tensor]:
-    """`supervised_batch` of all `rows` at once (in chunks), left-padded to one length: encoded once, sliced later."""
+    """`supervised_batch` of all `rows` at once (in chunks), left-padded to one length: encoded once, sliced later.
+
+    `image_owner` holds, for each image of `pixel_values`, the row it belongs to (a row may have several images).
+    """
     parts = [supervised_batch(processor, rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
     length = max(part["input_ids"].shape[1] for part in parts)
     pad_values = {"input_ids": processor.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
+    owners = torch.tensor([row for row, data in enumerate(rows) for _ in data["images"]])
     return {
         key: torch.cat([torch.nn.functional.pad(p[key], (length - p[key].shape[1], 0), value=value) for p in parts])
         for key, value in pad_values.items()
-    } | {"pixel_values": torch.cat([p["pixel_values"] for p in parts])}
+    } | {"pixel_values": torch.cat([p["pixel_values"] for p in parts]), "image_owner": owners}
 
 
 def select(data: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
-    """Rows `index` of `data`, without the columns that are padding in every selected row."""
-    batch = {key: value[index] for key, value in data.items()}
+    """Rows `index` of `data` with their images, without the columns that are padding in every selected row."""
+    rows = torch.arange(len(data["input_ids"]))[index]
+    batch = {key: data[key][rows] for key in ("input_ids", "attention_mask", "labels")}
     first = int(batch["attention_mask"].any(0).nonzero()[0])
-    return {key: value if key == "pixel_values" else value[:, first:] for key, value in batch.items()}
+    batch = {key: value[:, first:] for key, value in batch.items()}
+    images = torch.cat([(data["image_owner"] == row).nonzero().flatten() for row in rows.tolist()])
+    return batch | {"pixel_values": data["pixel_values"][images]}
 
 
 @torch.no_grad()

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 from trl_moe_grpo.visual_mc import (
+    BACKGROUND,
+    DIRECTIONS,
     IMAGE_SIZE,
     LETTERS,
+    NUM_FIND_IMAGES,
+    NUM_FRAMES,
     TASKS,
     accuracy_reward,
     parse_choice,
@@ -29,7 +33,8 @@ def same_rows(a: list[dict], b: list[dict]) -> bool:
         x["prompt"] == y["prompt"]
         and x["answer"] == y["answer"]
         and x["task"] == y["task"]
-        and np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+        and len(x["images"]) == len(y["images"])
+        and all(np.array_equal(np.asarray(i), np.asarray(j)) for i, j in zip(x["images"], y["images"]))
         for x, y in zip(a, b, strict=True)
     )
 
@@ -37,12 +42,13 @@ def same_rows(a: list[dict], b: list[dict]) -> bool:
 def test_deterministic_by_seed(rows):
     assert same_rows(rows, visual_mc_rows(64, seed=3))
     other = visual_mc_rows(64, seed=4)
-    assert not all(np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])) for x, y in zip(rows, other))
+    assert not all(np.array_equal(np.asarray(x["images"][0]), np.asarray(y["images"][0])) for x, y in zip(rows, other))
     # A longer split starts with the shorter one, so test sets of different sizes nest.
     assert same_rows(rows[:32], visual_mc_rows(32, seed=3))
 
 
-def test_every_task_with_balanced_answers(rows):
+def test_every_task_with_balanced_answers():
+    rows = visual_mc_rows(96, seed=3)
     assert Counter(row["task"] for row in rows) == {task: 16 for task in TASKS}
     for task in TASKS:
         letters = Counter(row["answer"] for row in rows if row["task"] == task)
@@ -53,21 +59,50 @@ def test_every_task_with_balanced_answers(rows):
     assert Counter(row["answer"] for row in colour) == {letter: 2 for letter in LETTERS}
 
 
-def test_conversational_format_with_one_image(rows):
+def test_conversational_format_with_one_image_part_per_image(rows):
     from trl.data_utils import is_conversational
 
     for row in rows:
         assert is_conversational(row)
         (message,) = row["prompt"]
         assert message["role"] == "user"
-        assert [part["type"] for part in message["content"]] == ["image", "text"]
-        text = message["content"][1]["text"]
+        expected = {"motion": NUM_FRAMES, "find": NUM_FIND_IMAGES}.get(row["task"], 1)
+        assert [part["type"] for part in message["content"]] == ["image"] * expected + ["text"]
+        text = message["content"][-1]["text"]
         assert all(f"{letter} " in text for letter in LETTERS)
-        assert row["image"].mode == "RGB" and row["image"].size == (IMAGE_SIZE, IMAGE_SIZE) == (56, 56)
+        assert len(row["images"]) == expected
+        for image in row["images"]:
+            assert image.mode == "RGB" and image.size == (IMAGE_SIZE, IMAGE_SIZE) == (56, 56)
     # The same rows as a datasets.DatasetDict: train and test differ.
     data = visual_mc_dataset(8, 4, seed=0)
     assert (len(data["train"]), len(data["test"])) == (8, 4)
-    assert data["train"][0]["image"].size == (56, 56)
+    assert data["train"][0]["images"][0].size == (56, 56)
+
+
+def test_motion_frames_move_the_dot_in_the_answer_direction():
+    """The dot's centre of mass moves monotonically in the answer's direction across the frames."""
+    for row in visual_mc_rows(24, seed=5, tasks=("motion",)):
+        direction = DIRECTIONS[LETTERS.index(row["answer"])]
+        centres = []
+        for frame in row["images"]:
+            ink = np.asarray(frame).sum(-1) < 200
+            ys, xs = ink.nonzero()
+            centres.append((xs.mean(), ys.mean()))
+        axis, sign = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}[direction]
+        steps = [sign * (b[axis] - a[axis]) for a, b in zip(centres, centres[1:])]
+        assert all(step > 4 for step in steps), (direction, centres)
+
+
+def test_find_has_exactly_one_circle_at_the_answer():
+    """A circle fills about pi/4 of its bounding box; squares fill all of it, triangles and crosses 1/2 and 5/9."""
+    for row in visual_mc_rows(24, seed=5, tasks=("find",)):
+        fills = []
+        for image in row["images"]:
+            ink = (np.asarray(image) != BACKGROUND).any(-1)
+            ys, xs = ink.nonzero()
+            fills.append(ink.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1)))
+        circles = [i for i, fill in enumerate(fills) if abs(fill - np.pi / 4) < 0.06]
+        assert circles == [LETTERS.index(row["answer"])], fills
 
 
 @pytest.mark.parametrize(

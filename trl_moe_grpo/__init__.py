@@ -7,6 +7,10 @@ Where the method's ideas live:
 - Token-GRPO ................. TRL's token loss, computed under replay: `grpo_trainer.py`
 - Gate-GRPO .................. `losses.py` (`set_log_prob`, `clipped_objective`), added in `grpo_trainer.py`
 - modality-aware guidance .... `guidance.py` (statistics, masks), applied by the controller's sampler
+
+Around them: the fine-tuning baselines and routing schemes the method is compared with (`sft.py`,
+`routing/assignment.py`), the routers' own learning rate (`optim.py`), and the routing analyses
+(`routing_analysis.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ _LAZY = {
     "MoEGRPOConfig": "grpo_config",
     "MoEGRPOError": "errors",
     "MoEGRPOTrainer": "grpo_trainer",
+    "MoESFTConfig": "sft",
+    "MoESFTTrainer": "sft",
     "RoutingController": "routing",
     "ModalityStatistics": "guidance",
     "upcycle": "upcycle",
@@ -31,6 +37,8 @@ __all__ = [
     "MoEGRPOConfig",
     "MoEGRPOError",
     "MoEGRPOTrainer",
+    "MoESFTConfig",
+    "MoESFTTrainer",
     "RoutingController",
     "__version__",
     "upcycle",
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
     from .grpo_trainer import MoEGRPOTrainer
     from .guidance import ModalityStatistics
     from .routing import RoutingController
+    from .sft import MoESFTConfig, MoESFTTrainer
     from .upcycle import upcycle
 
 

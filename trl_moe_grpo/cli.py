@@ -15,6 +15,7 @@ from .commands.base import Command
 COMMAND_PATHS: list[tuple[str, str]] = [
     ("trl_moe_grpo.commands.calibrate", "CalibrateCommand"),
     ("trl_moe_grpo.commands.analyze", "AnalyzeCommand"),
+    ("trl_moe_grpo.commands.analyze_routing", "AnalyzeRoutingCommand"),
     ("trl_moe_grpo.commands.upcycle", "UpcycleCommand"),
 ]
 

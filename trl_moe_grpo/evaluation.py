@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from .guidance import calibration_batches
-from .routing import RoutingController
 
 
 @torch.no_grad()
@@ -52,32 +51,3 @@ def evaluate_accuracy(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return {task: sum(values) / len(values) for task, values in scores.items()}
-
-
-@torch.no_grad()
-def routing_entropy(
-    model: torch.nn.Module, controller: RoutingController, processing_class, rows: list[dict[str, Any]], batch_size=16
-) -> float:
-    """Mean entropy (nats) of the routers' selection distributions over the prompts' tokens, stock top-K routing."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for inputs in calibration_batches(processing_class, rows, batch_size, device):
-            # A trace of -1 everywhere routes every token by the live top-K and still captures the router logits.
-            unrouted = torch.full(
-                (*inputs["input_ids"].shape, controller.num_layers, controller.top_k), -1, dtype=torch.int16
-            )
-            with controller.step_scope():
-                controller.start_replay(unrouted.to(device))
-                model(**inputs)
-                captures = controller.captures()
-            mask = inputs["attention_mask"].reshape(-1).bool()
-            for adapter, capture in zip(controller.adapters, captures):
-                log_probs = adapter.selection_log_probs(capture.logits)[mask]
-                total += float(-(log_probs.exp() * log_probs).sum())
-                count += int(mask.sum())
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)

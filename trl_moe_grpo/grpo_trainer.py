@@ -34,9 +34,9 @@ from .errors import MoEGRPOError
 from .grpo_config import MoEGRPOConfig
 from .guidance import ModalityStatistics, calibrate, vision_token_ids
 from .losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
-from .optim import set_router_learning_rate
 from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
+from .trainer_common import MoETrainerMixin
 from .zero3 import gathered_parameters
 
 logger = logging.get_logger(__name__)
@@ -57,7 +57,7 @@ ROUTING_OPTIONS = (
 )
 
 
-class MoEGRPOTrainer(GRPOTrainer):
+class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` that trains the expert routing of MoE models with MoE-GRPO.
 
     It takes the same arguments as `GRPOTrainer` (model, reward functions, datasets, PEFT config, callbacks...) and an
@@ -98,13 +98,7 @@ class MoEGRPOTrainer(GRPOTrainer):
         if self.ref_model is not None:
             self.ref_routing = RoutingController(self.ref_model, vision_token_ids=vision_token_ids(self.ref_model))
 
-        # The load-balancing loss is ours, on the routed sets (DESIGN §2); TRL's would score a fresh top-K and, for
-        # vision-language models, crash on outputs without `router_logits` (TRL 1.16).
-        self.balance_loss_coef = self.router_aux_loss_coef
-        self.aux_loss_enabled = False
-        for m in (policy, self.ref_model):
-            if m is not None and hasattr(m.config.get_text_config(), "output_router_logits"):
-                m.config.get_text_config().output_router_logits = False
+        self._take_over_balance_loss(policy, self.ref_model)
 
         if args.greedy_decoding:
             greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
@@ -162,17 +156,6 @@ class MoEGRPOTrainer(GRPOTrainer):
             f"Modality-aware router guidance from {source}: per layer, {masked[0]} of {self.routing.num_experts} "
             f"experts are masked for text tokens and {masked[1]} for vision tokens (P={args.modality_mask_ratio})."
         )
-
-    @property
-    def routing_model(self):
-        """The model the routing controller is installed on (the base model under PEFT)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.args.router_learning_rate is not None:
-            set_router_learning_rate(optimizer, self.routing.router_parameters(), self.args.router_learning_rate)
-        return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
@@ -365,14 +348,6 @@ class MoEGRPOTrainer(GRPOTrainer):
         return loss
 
     # ------------------------------------------------------------------ metrics
-
-    def _log_mean(self, mode: str, name: str, value: torch.Tensor) -> None:
-        self._metrics[mode][name].append(self.accelerator.gather(value.detach().reshape(1)).float().mean().item())
-
-    def _log_masked_mean(self, mode: str, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
-        mask = mask.float()
-        totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]), reduction="sum")
-        self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
 
     @torch.no_grad()
     def _log_routing_metrics(self, mode, captures, log_probs, dispatched, attention_mask, gate_mask) -> None:

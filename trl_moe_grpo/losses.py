@@ -123,25 +123,33 @@ def reduce_like_trl(
 
 
 def routed_load_balancing_loss(
-    probs: torch.Tensor, dispatched: torch.Tensor, token_mask: torch.Tensor, num_experts: int
+    probs: torch.Tensor,
+    dispatched: torch.Tensor,
+    token_mask: torch.Tensor,
+    num_experts: int,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch-style load-balancing loss on the experts the tokens were actually sent to.
 
-    Per layer `N * sum_e f_e * P_e`, with `f_e` the share of routed slots that went to expert `e` and `P_e` the mean
-    selection probability of `e`, over the unmasked tokens; averaged over layers. At a perfectly balanced router it
-    equals `top_k`, the scale of transformers' `load_balancing_loss_func`, so the models' `router_aux_loss_coef` keeps
-    its meaning.
+    Per layer `N * sum_e f_e * P_e`, with `f_e` the number of routed slots that went to expert `e` per token and `P_e`
+    the mean selection probability of `e`, over the unmasked tokens; averaged over layers. At a perfectly balanced
+    router it equals `top_k`, the scale of transformers' `load_balancing_loss_func`, so the models'
+    `router_aux_loss_coef` keeps its meaning.
 
     Args:
         probs (`torch.Tensor`): `[layers, rows, num_experts]` selection probabilities.
         dispatched (`torch.Tensor`): `[layers, rows, top_k]` expert ids the tokens were dispatched to.
         token_mask (`torch.Tensor`): `[rows]` 1 for tokens that count (not padding).
         num_experts (`int`): N.
+        active (`torch.Tensor`, *optional*): `[layers, rows, top_k]` bool, the slots that carry weight. Expert Choice
+            routing gives some tokens fewer than top_k experts; their free slots hold placeholder ids with weight 0,
+            which are no load. `None`: every slot counts.
     """
     weight = token_mask.to(probs.dtype)
     count = weight.sum().clamp(min=1.0)
+    load = torch.ones_like(dispatched, dtype=probs.dtype) if active is None else active.to(probs.dtype)
     slots = torch.zeros(*dispatched.shape[:2], num_experts, device=probs.device, dtype=probs.dtype)
-    slots.scatter_add_(-1, dispatched.long(), torch.ones_like(dispatched, dtype=probs.dtype))
-    fraction = (slots * weight[None, :, None]).sum(1) / count  # [layers, N], sums to top_k
+    slots.scatter_add_(-1, dispatched.long(), load)
+    fraction = (slots * weight[None, :, None]).sum(1) / count  # [layers, N], sums to top_k when every slot counts
     mean_prob = (probs * weight[None, :, None]).sum(1) / count  # [layers, N]
     return (num_experts * (fraction * mean_prob).sum(-1)).mean()

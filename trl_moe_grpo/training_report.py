@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .evaluation import evaluate_accuracy, routing_entropy
-from .guidance import calibration_batches, count_top_k_by_modality
+from .evaluation import evaluate_accuracy
 from .routing import RoutingController
+from .routing_analysis import analyze_routing
 
 
 def measure(
@@ -21,15 +21,13 @@ def measure(
     reward_fn,
     batch_size: int,
 ) -> dict[str, Any]:
-    """Accuracy per task (greedy, top-K), mean routing entropy and the expert load per layer on `rows`."""
-    device = next(model.parameters()).device
-    counts = count_top_k_by_modality(
-        model, controller, calibration_batches(processing_class, rows, batch_size, device)
-    )
-    load = counts.sum(1).float()  # [layers, experts]
+    """Accuracy per task (greedy, top-K), the routing measures of `routing_analysis` and the expert load per layer on
+    `rows`."""
+    analysis = analyze_routing(model, controller, processing_class, rows, batch_size)
+    load = analysis.counts.sum(0).float()  # [layers, experts]
     return {
         "accuracy": evaluate_accuracy(model, processing_class, rows, reward_fn, batch_size),
-        "routing_entropy": routing_entropy(model, controller, processing_class, rows, batch_size),
+        "routing": analysis.summary(),
         "expert_share": (load / load.sum(-1, keepdim=True)).tolist(),
     }
 
@@ -91,7 +89,7 @@ def write_report(before: dict, after: dict, log_history: list[dict], output_dir:
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "held_out_accuracy": {"before": before["accuracy"], "after": after["accuracy"]},
-        "routing_entropy": {"before": before["routing_entropy"], "after": after["routing_entropy"]},
+        "routing": {"before": before["routing"], "after": after["routing"]},
         "expert_share": {"before": before["expert_share"], "after": after["expert_share"]},
         "rewards": [{"step": log["step"], "reward": log["reward"]} for log in log_history if "reward" in log],
         "files": {
@@ -113,7 +111,14 @@ def format_report(report: dict[str, Any]) -> str:
     accuracy = report["held_out_accuracy"]
     for task in accuracy["before"]:
         lines.append(f"  {task:<44} {accuracy['before'][task]:6.3f}  {accuracy['after'][task]:6.3f}")
-    entropy = report["routing_entropy"]
-    lines.append(f"routing entropy (nats, mean over layers/tokens)  {entropy['before']:6.3f}  {entropy['after']:6.3f}")
+    before, after = report["routing"]["before"], report["routing"]["after"]
+    rows = {
+        "mean gate entropy (nats, per token)": "mean_gate_entropy",
+        "sequence routing entropy (nats, per prompt)": "sequence_routing_entropy",
+        "task-wise JSD of expert selections (nats)": "task_jsd",
+    }
+    for label, key in rows.items():
+        if before[key] is not None and after[key] is not None:
+            lines.append(f"{label:<47} {before[key]:6.3f}  {after[key]:6.3f}")
     lines.append(f"files: {report['files']['reward_curve']}, {report['files']['expert_utilization']}")
     return "\n".join(lines)

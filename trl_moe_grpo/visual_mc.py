@@ -1,12 +1,21 @@
 """A multi-task visual multiple-choice dataset rendered with PIL, and its accuracy reward.
 
-Four task types over small synthetic images: the `colour` of a shape, the `shape` itself, the `count` of squares and
-the `position` of a dot. Each question lists four options A-D (in a fixed order per task); the answer letter is
-balanced across A-D. The renderings are tuned so that a tiny model learns the four tasks at similar speeds: colour is a
-small shape in a jittered shade, shape a large one, position a small dot anywhere in the triangle between the centre
-and its side. Everything is deterministic by seed, so a train and a test split never depend on anything but their
-seeds. Rows are in TRL's conversational vision-language format: a `prompt` with an image placeholder, the `image`, the
-`answer` letter and the `task` name.
+Six task types over small synthetic images, each needing a different visual skill:
+
+- one image: the `colour` of a shape, the `shape` itself, the `count` of squares, the `position` of a dot;
+- a short video (`motion`): four frames of a dot moving left, right, up or down; the answer is its direction, which no
+  single frame shows;
+- several images (`find`): four shapes in random colours, one per image, exactly one of them a circle; the answer is
+  which image.
+
+Each question lists four options A-D (in a fixed order per task); the answer letter is balanced across A-D. The
+renderings are tuned so that a tiny model learns the single-image tasks at similar speeds: colour is a small shape in a
+jittered shade, shape a large one, position a small dot anywhere in the triangle between the centre and its side.
+Everything is deterministic by seed, so a train and a test split never depend on anything but their seeds.
+
+Rows are in TRL's conversational vision-language format: a `prompt` with one image placeholder per image (a video is
+given as its frames, one image part each, the way InternVL's chat feeds videos), the `images` list, the `answer` letter
+and the `task` name.
 """
 
 from __future__ import annotations
@@ -17,7 +26,10 @@ import re
 
 from PIL import Image, ImageDraw
 
-TASKS = ("colour", "shape", "count", "position")
+SINGLE_IMAGE_TASKS = ("colour", "shape", "count", "position")
+TASKS = (*SINGLE_IMAGE_TASKS, "motion", "find")
+NUM_FRAMES = 4  # the `motion` video
+NUM_FIND_IMAGES = 4  # the `find` task's images, one per option
 LETTERS = "ABCD"
 IMAGE_SIZE = 56
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 210, 40)}
@@ -26,7 +38,16 @@ POSITIONS = ("top", "bottom", "left", "right")
 BACKGROUND, INK = (245, 245, 245), (30, 30, 30)
 COLOUR_JITTER = 30  # per channel, for the colour task
 DOT_MARGIN = 6  # pixels between the position dot's centre and the diagonals / the centre
-QUESTIONS = {"colour": "Colour?", "shape": "Shape?", "count": "How many?", "position": "Where?"}
+DIRECTIONS = ("left", "right", "up", "down")
+MOTION_STEP = 8  # pixels the dot moves between frames
+QUESTIONS = {
+    "colour": "Colour?",
+    "shape": "Shape?",
+    "count": "How many?",
+    "position": "Where?",
+    "motion": "Moves?",
+    "find": "Circle?",
+}
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -80,8 +101,59 @@ def _render(task: str, value, rng: random.Random) -> Image.Image:
     return image
 
 
+def _render_motion(direction: str, rng: random.Random) -> list[Image.Image]:
+    """`NUM_FRAMES` frames of a dot moving `MOTION_STEP` pixels per frame towards `direction`."""
+    s, r = IMAGE_SIZE, IMAGE_SIZE // 10
+    travel = MOTION_STEP * (NUM_FRAMES - 1)
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    # Start where the whole path stays inside the frame; the other coordinate is free.
+    low, high = r + 2, s - r - 3
+    x = (
+        rng.randint(low + travel, high)
+        if dx < 0
+        else rng.randint(low, high - travel)
+        if dx > 0
+        else rng.randint(low, high)
+    )
+    y = (
+        rng.randint(low + travel, high)
+        if dy < 0
+        else rng.randint(low, high - travel)
+        if dy > 0
+        else rng.randint(low, high)
+    )
+    frames = []
+    for t in range(NUM_FRAMES):
+        frame = Image.new("RGB", (s, s), BACKGROUND)
+        cx, cy = x + dx * MOTION_STEP * t, y + dy * MOTION_STEP * t
+        ImageDraw.Draw(frame).ellipse((cx - r, cy - r, cx + r, cy + r), fill=INK)
+        frames.append(frame)
+    return frames
+
+
+def _render_find(circle_index: int, rng: random.Random) -> list[Image.Image]:
+    """`NUM_FIND_IMAGES` images, each one shape in a random colour; only the one at `circle_index` is a circle."""
+    others = [shape for shape in SHAPES if shape != "circle"]
+    images = []
+    for i in range(NUM_FIND_IMAGES):
+        shape = "circle" if i == circle_index else rng.choice(others)
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+        size = rng.randint(IMAGE_SIZE // 2, 4 * IMAGE_SIZE // 5)
+        x, y = rng.randint(2, IMAGE_SIZE - size - 2), rng.randint(2, IMAGE_SIZE - size - 2)
+        _draw_shape(ImageDraw.Draw(image), shape, (x, y, x + size, y + size), COLOURS[rng.choice(list(COLOURS))])
+        images.append(image)
+    return images
+
+
 def _choices(task: str) -> list:
-    return {"colour": list(COLOURS), "shape": list(SHAPES), "count": [1, 2, 3, 4], "position": list(POSITIONS)}[task]
+    return {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "count": [1, 2, 3, 4],
+        "position": list(POSITIONS),
+        "motion": list(DIRECTIONS),
+        "find": [1, 2, 3, 4],
+    }[task]
 
 
 def make_example(task: str, index: int, seed: int) -> dict:
@@ -92,9 +164,16 @@ def make_example(task: str, index: int, seed: int) -> dict:
     options = _choices(task)
     answer_letter = LETTERS[index % 4]
     value = options[LETTERS.index(answer_letter)]
+    if task == "motion":
+        images = _render_motion(value, rng)
+    elif task == "find":
+        images = _render_find(value - 1, rng)
+    else:
+        images = [_render(task, value, rng)]
     text = " ".join([QUESTIONS[task]] + [f"{letter} {option}" for letter, option in zip(LETTERS, options)])
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return {"prompt": prompt, "image": _render(task, value, rng), "answer": answer_letter, "task": task}
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    prompt = [{"role": "user", "content": content}]
+    return {"prompt": prompt, "images": images, "answer": answer_letter, "task": task}
 
 
 def visual_mc_rows(num_examples: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:
@@ -103,13 +182,13 @@ def visual_mc_rows(num_examples: int, seed: int = 0, tasks: tuple[str, ...] = TA
 
 
 @functools.lru_cache(maxsize=4)  # a recipe asks for its train and its test split: render them once
-def visual_mc_dataset(num_train: int = 512, num_test: int = 128, seed: int = 0):
+def visual_mc_dataset(num_train: int = 512, num_test: int = 128, seed: int = 0, tasks: tuple[str, ...] = TASKS):
     """A `DatasetDict` with `train` and `test` splits drawn with different seeds."""
     from datasets import Dataset, DatasetDict
 
     return DatasetDict(
-        train=Dataset.from_list(visual_mc_rows(num_train, seed)),
-        test=Dataset.from_list(visual_mc_rows(num_test, seed + 10_000)),
+        train=Dataset.from_list(visual_mc_rows(num_train, seed, tasks)),
+        test=Dataset.from_list(visual_mc_rows(num_test, seed + 10_000, tasks)),
     )
 
 

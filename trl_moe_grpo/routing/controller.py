@@ -9,6 +9,11 @@ the stock model computes. The other modes replace the router's `(weights, indice
 - `replay`: the recorded expert ids of a trace; mixing weights and logits come from the live router, so gradients
   reach it. Each replayed forward also *captures* the live logits and the routed sets for the losses.
 
+`training_routing(mode)` routes the training forward of the fine-tuning baselines and the routing comparisons:
+`topk` (stock), `sample`, `noise`, and the batch-level `expert_choice` and `sinkhorn` (see `assignment.py`). Routes
+are drawn once per layer for the batch and reused whenever that layer runs again inside the context (gradient
+checkpointing's recompute during backward), so backward always sees the experts the forward used.
+
 Traces are `[batch, tokens, layers, top_k]` int16 tensors laid out like the token ids (see `traces.py`); `-1` marks a
 token with no recorded route, which takes the live top-K and is left out of every routing loss.
 
@@ -29,9 +34,12 @@ from torch import nn
 
 from ..errors import MoEGRPOError
 from .adapters import RouterAdapter, find_routers
+from .assignment import expert_choice, sinkhorn_top_k
 from .sampling import gumbel_top_k, noisy_top_k
 
 RolloutRouting = Literal["topk", "sample", "noise"]
+TrainingRouting = Literal["topk", "sample", "noise", "expert_choice", "sinkhorn"]
+TRAINING_ROUTINGS: tuple[str, ...] = ("topk", "sample", "noise", "expert_choice", "sinkhorn")
 
 TEXT, VISION = 0, 1
 
@@ -53,6 +61,53 @@ class LayerCapture:
     dispatched: torch.Tensor
     top_k: torch.Tensor
     valid: torch.Tensor
+
+
+@dataclass
+class TrainingCapture(LayerCapture):
+    """What one MoE layer did in a `training_routing` forward, rows in `(batch, token)` order.
+
+    The fields of [`LayerCapture`] mean: `logits` the live router logits (with gradients in training); `recorded`
+    and `dispatched` both the `[rows, top_k]` expert ids the tokens were sent to; `top_k` the router's stock choice;
+    `valid` whether the token counts (its attention mask is 1). Padding rows keep the stock routing.
+
+    Attributes:
+        active (`torch.Tensor`):
+            `[rows, top_k]` bool: the slot carries the router's weight. `False` only under `expert_choice`, for
+            placeholder slots of tokens that fewer than `top_k` experts chose; those slots have weight exactly 0.
+        num_choices (`torch.Tensor`):
+            `[rows]` int64: how many experts chose the token. Under `expert_choice` it can be 0 (a dropped token) or
+            more than `top_k` (a truncated one); other modes always choose `top_k`.
+    """
+
+    active: torch.Tensor
+    num_choices: torch.Tensor
+
+
+class TrainingRoutes:
+    """The routes one `training_routing` context drew for its batch, and what each layer captured.
+
+    Routes are keyed by layer: the first time a layer runs in the context it draws them, every later run of that
+    layer (checkpoint recompute during backward, or a second forward on the same token ids) dispatches the same ids.
+    """
+
+    def __init__(self, mode: str, noise_std: float, capacity_factor: float, sinkhorn_iterations: int):
+        self.mode = mode
+        self.noise_std = noise_std
+        self.capacity_factor = capacity_factor
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.token_mask: torch.Tensor | None = None  # [rows] bool of the batch
+        self._batch: torch.Tensor | None = None  # the token ids (or embeddings) the routes belong to
+        self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (indices, active)
+        self._captures: dict[int, TrainingCapture] = {}
+
+    def captures(self) -> list[TrainingCapture]:
+        """Per layer, what the first forward of the batch captured (checkpoint recompute does not capture again)."""
+        if not self._captures:
+            raise MoEGRPOError(
+                "No forward ran inside `training_routing`: call the model inside the context before reading captures."
+            )
+        return [self._captures[layer] for layer in sorted(self._captures)]
 
 
 @dataclass
@@ -102,6 +157,7 @@ class RoutingController:
         self._chunk: torch.Tensor | None = None
         self._chunk_start = 0
         self._captures: dict[tuple[int, int], LayerCapture] = {}
+        self._training: TrainingRoutes | None = None
 
         self._handles = [
             module.register_forward_hook(functools.partial(self._on_router, layer))
@@ -141,6 +197,7 @@ class RoutingController:
         """Route with `routing` and record every call's expert ids while the context is open."""
         if routing not in ("topk", "sample", "noise"):
             raise MoEGRPOError(f"Unknown rollout routing {routing!r}: use 'topk', 'sample' or 'noise'.")
+        self._refuse_inside_training_routing("rollout")
         previous = self.mode
         recording = RolloutRecording(steps=[])
         self.mode, self.noise_std, self._recording = routing, noise_std, recording
@@ -167,6 +224,7 @@ class RoutingController:
         for the routing losses: the "no replay" ablation.
         """
         self.check_routes(routes)
+        self._refuse_inside_training_routing("start_replay")
         self.mode, self._routes, self._dispatch_recorded = "replay", routes, dispatch
         self._cursor, self._chunk = 0, None
         self._captures.clear()
@@ -178,6 +236,66 @@ class RoutingController:
                 f"Replay consumed {self._cursor} of {self._routes.shape[0]} trace rows: the model was called on a "
                 "different batch than the trace was given for."
             )
+
+    @contextlib.contextmanager
+    def training_routing(
+        self,
+        mode: TrainingRouting,
+        noise_std: float = 1.0,
+        capacity_factor: float = 1.0,
+        sinkhorn_iterations: int = 3,
+    ) -> Iterator[TrainingRoutes]:
+        """Route one training batch with `mode` and capture, per layer, what the routers did.
+
+        Open it around a whole training step, forward *and* backward: with gradient checkpointing the routers run
+        again during backward, and that recompute must dispatch the experts the forward drew, not a fresh draw (the
+        model's pre-hook does not run in recompute, so the routes are keyed by layer for the whole context). One
+        context routes one batch: calling the model on other token ids inside it is an error.
+
+        Modes (only the router's `(logits, weights, indices)` output is replaced; the experts' compute is the
+        model's own, and mixing weights always come from the live logits through the router family's rule, so
+        gradients reach the routers):
+
+        - `topk`: the stock routing, untouched (outputs bit-identical to a model without the controller);
+        - `sample`: `top_k` experts drawn without replacement from the selection distribution (Stoch-FT-Multi);
+        - `noise`: Gaussian noise of std `noise_std` on the selection log-scores, then top-K (Stoch-FT-Noise);
+        - `expert_choice`: each expert takes its top-`C` tokens of the batch, `C = ceil(capacity_factor * tokens *
+          top_k / num_experts)`. A token chosen by fewer than `top_k` experts gets weight exactly 0 on its free
+          slots (which hold valid placeholder ids), one chosen by none passes through the residual only, one chosen
+          by more keeps its `top_k` highest-probability choices;
+        - `sinkhorn`: `sinkhorn_iterations` Sinkhorn iterations balance the batch's selection probabilities to
+          equal expert marginals (for softmax routers the same as balancing `exp(logits)`: per-token constants
+          cancel); each token takes the top-K of the balanced scores.
+
+        The batch-level modes (`expert_choice`, `sinkhorn`) route a token by looking at the other tokens of the
+        batch, later ones included, so they are for training only: evaluate and decode with `topk`. Padding tokens
+        (attention mask 0 in the model call; no mask means every token counts) take no capacity and no mass, and
+        keep the stock routing. Expert masks (modality guidance) restrict `sample` and `noise` as in rollouts.
+
+        Yields:
+            [`TrainingRoutes`]: its `captures()` lists a [`TrainingCapture`] per layer once the model has run.
+        """
+        if mode not in TRAINING_ROUTINGS:
+            raise MoEGRPOError(f"Unknown training routing {mode!r}: use one of {TRAINING_ROUTINGS}.")
+        if noise_std < 0:
+            raise MoEGRPOError(f"`noise_std` must be >= 0, got {noise_std}.")
+        if capacity_factor <= 0:
+            raise MoEGRPOError(f"`capacity_factor` must be positive, got {capacity_factor}.")
+        if sinkhorn_iterations < 0:
+            raise MoEGRPOError(f"`sinkhorn_iterations` must be >= 0, got {sinkhorn_iterations}.")
+        self._refuse_inside_training_routing("training_routing")
+        if self.mode != "topk" or self._recording is not None:
+            raise MoEGRPOError(
+                f"`training_routing` was opened while the controller is in {self.mode!r} mode"
+                f"{' and recording a rollout' if self._recording is not None else ''}; close that first."
+            )
+        routes = TrainingRoutes(mode, noise_std, capacity_factor, sinkhorn_iterations)
+        self._training = routes
+        try:
+            yield routes
+        finally:
+            self._training = None
+            self._call_shape = self._call_modality = None
 
     def captures(self) -> list[LayerCapture]:
         """The captures of the last replay, per layer, rows of all calls concatenated in batch order."""
@@ -223,7 +341,16 @@ class RoutingController:
 
     # ------------------------------------------------------------------ hooks
 
+    def _refuse_inside_training_routing(self, what: str) -> None:
+        if self._training is not None:
+            raise MoEGRPOError(
+                f"`{what}` was called inside `training_routing({self._training.mode!r})`: one routing at a time. "
+                "Close the training routing context first."
+            )
+
     def _on_model_call(self, module, args, kwargs):
+        if self._training is not None:
+            return self._on_training_call(args, kwargs)
         if self.mode == "topk" and self._recording is None:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -259,7 +386,42 @@ class RoutingController:
             self._cursor += batch
         return None
 
+    def _on_training_call(self, args, kwargs):
+        state = self._training
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        batch_key = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if batch_key is None:
+            raise MoEGRPOError("A model call under `training_routing` passed neither `input_ids` nor `inputs_embeds`.")
+        batch, length = batch_key.shape[:2]
+        if state._batch is not None and (
+            state._batch.shape != batch_key.shape or not torch.equal(state._batch, batch_key.detach())
+        ):
+            # A recompute never passes here (checkpointing re-runs layers, not the model), so this is a new batch,
+            # whose routes could not be told apart from the first one's in a recompute.
+            raise MoEGRPOError(
+                "The model was called on a different batch inside one `training_routing` context. A context routes "
+                "one batch (its forward, backward and any repeated forward on the same token ids): open a new "
+                "context for each batch."
+            )
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            token_mask = torch.ones(batch * length, dtype=torch.bool, device=batch_key.device)
+        elif attention_mask.dim() == 2 and tuple(attention_mask.shape) == (batch, length):
+            token_mask = attention_mask.reshape(-1).bool()
+        else:
+            raise MoEGRPOError(
+                f"`training_routing` reads padding from a [batch, tokens] = [{batch}, {length}] attention mask, but "
+                f"the model was called with one of shape {tuple(attention_mask.shape)}. Pass the 2-d padding mask (or "
+                "none, and every token counts)."
+            )
+        state._batch, state.token_mask = batch_key.detach(), token_mask
+        self._call_shape = (batch, length)
+        self._call_modality = self.token_modality(input_ids).reshape(-1) if input_ids is not None else None
+        return None
+
     def _on_router(self, layer: int, module: nn.Module, args, output):
+        if self._training is not None:
+            return self._route_training(layer, output)
         if self.mode == "topk" and self._recording is None:
             return None
         logits, weights, indices = output
@@ -305,3 +467,77 @@ class RoutingController:
         # Keyed by (row offset, layer): a checkpoint recompute during backward overwrites, never duplicates.
         self._captures[(self._chunk_start, layer)] = LayerCapture(logits, recorded, dispatched, top_k, valid)
         return logits, weights, dispatched
+
+    # ------------------------------------------------------------------ training routing
+
+    def _route_training(self, layer: int, output):
+        logits, weights, top_k = output
+        state = self._training
+        rows = logits.shape[0]
+        if self._call_shape is None or self._call_shape[0] * self._call_shape[1] != rows:
+            raise MoEGRPOError(
+                f"Router `{self.layer_names[layer]}` saw {rows} tokens outside a model call the controller tracked; "
+                "call the model the controller was built for, not a submodule."
+            )
+        adapter = self.adapters[layer]
+        valid = state.token_mask.to(logits.device)
+        drawn = state._routes.get(layer)
+        if drawn is None:
+            indices, active, num_choices = self._draw(state, layer, adapter, logits, top_k, valid)
+            state._routes[layer] = (indices, active)
+            state._captures[layer] = TrainingCapture(logits, indices, indices, top_k, valid, active, num_choices)
+        else:
+            # This layer already ran for this batch: a checkpoint recompute (or a repeated forward on the same
+            # ids) dispatches exactly what was drawn, with weights recomputed from the live logits.
+            indices, active = drawn
+            if indices.shape[0] != rows:
+                raise MoEGRPOError(
+                    f"Router `{self.layer_names[layer]}` ran again with {rows} tokens, but routes were drawn for "
+                    f"{indices.shape[0]} in this `training_routing` context."
+                )
+        if state.mode == "topk":
+            return None  # stock output, untouched
+        weights = torch.where(valid[:, None], self._set_weights(adapter, logits, indices, active, weights), weights)
+        return logits, weights, indices
+
+    def _draw(self, state: TrainingRoutes, layer: int, adapter: RouterAdapter, logits, top_k, valid):
+        """`(indices, active, num_choices)` for one layer of the batch; padding rows keep the stock top-K."""
+        rows = logits.shape[0]
+        all_active = torch.ones_like(top_k, dtype=torch.bool)
+        num_choices = torch.full((rows,), self.top_k, dtype=torch.long, device=logits.device)
+        if state.mode == "topk":
+            return top_k, all_active, num_choices
+        with torch.no_grad():
+            log_probs = adapter.selection_log_probs(logits.detach())
+            if state.mode == "sample":
+                indices = gumbel_top_k(self._masked(log_probs, layer), self.top_k)
+            elif state.mode == "noise":
+                indices = noisy_top_k(self._masked(log_probs, layer), self.top_k, state.noise_std)
+            elif state.mode == "sinkhorn":
+                indices = sinkhorn_top_k(log_probs, self.top_k, state.sinkhorn_iterations, valid)
+            else:
+                choice = expert_choice(log_probs, self.top_k, state.capacity_factor, valid)
+                indices, num_choices = choice.indices, choice.num_choices
+                all_active = choice.active | ~valid[:, None]
+        indices = torch.where(valid[:, None], indices.to(top_k.dtype), top_k)
+        return indices, all_active, num_choices
+
+    @staticmethod
+    def _set_weights(adapter: RouterAdapter, logits, indices, active, like) -> torch.Tensor:
+        """The router's own mixing weights for each row's active experts (a prefix of the row); 0 on other slots."""
+        if bool(active.all()):
+            return adapter.mixing_weights(logits, indices, like=like)
+        weights = torch.zeros(indices.shape, dtype=like.dtype, device=like.device)
+        count = active.sum(-1)
+        for size in range(1, indices.shape[1] + 1):
+            rows = count == size
+            if bool(rows.any()):
+                # The rule for a set of `size` experts (renormalization over the set included), not for a padded one.
+                weights = weights.index_put(
+                    (rows.nonzero(as_tuple=True)[0],),
+                    torch.nn.functional.pad(
+                        adapter.mixing_weights(logits[rows], indices[rows, :size], like=like),
+                        (0, indices.shape[1] - size),
+                    ),
+                )
+        return weights

@@ -1,0 +1,338 @@
+"""`MoESFTConfig` and `MoESFTTrainer`: supervised fine-tuning baselines for MoE models, on TRL's `SFTTrainer`.
+
+The paper compares MoE-GRPO with supervised fine-tuning of the same MoE model on the same data, and compares routing
+schemes. Each is one value of `train_routing`, the routing of the *training* forward (evaluation and inference always
+use the stock top-K):
+
+- Det-FT ............... `train_routing="topk"`: the stock top-K;
+- Stoch-FT-Multi ....... `"sample"`: K experts drawn without replacement from the gate probabilities;
+- Stoch-FT-Noise ....... `"noise"`: Gaussian noise of std `routing_noise_std` on the gating scores, then top-K;
+- Expert Choice ........ `"expert_choice"`: every expert takes its top tokens of the batch, under
+  `expert_capacity_factor`;
+- optimal transport .... `"sinkhorn"`: `sinkhorn_iterations` Sinkhorn iterations balance the assignment, then top-K.
+
+Each runs with or without the load-balancing loss (`router_aux_loss_coef`, 0 turns it off), which is computed on the
+experts the tokens were actually dispatched to.
+
+How it hooks into TRL (each override is the narrowest method that does the job and calls `super()`):
+
+- `__init__`: a routing controller on the model's routers (a dense model is refused); TRL's own MoE auxiliary loss is
+  turned off, since it would score a fresh top-K instead of the routes taken (and crashes for InternVL outputs).
+- `training_step`: the routing context spans the whole step, forward *and* backward, so that gradient checkpointing's
+  recompute dispatches the experts the forward drew.
+- `compute_loss`: TRL's SFT loss, plus the load-balancing loss on the dispatched sets, plus routing metrics.
+- `prediction_step` (through `compute_loss`): stock top-K routing.
+- `create_optimizer`: an optional learning rate of the routers' own (`router_learning_rate`).
+- `_save`: the routing options next to every checkpoint (`moe_sft_routing.json`).
+
+`sft_rows_from_answers` turns a MoE-GRPO dataset (`prompt` + `answer`) into the prompt-completion rows SFT trains on,
+so both methods see exactly the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import is_conversational
+
+from .errors import MoEGRPOError
+from .losses import routed_load_balancing_loss
+from .routing import RoutingController, find_routers
+from .routing.controller import TRAINING_ROUTINGS, TrainingCapture, TrainingRoutes
+from .trainer_common import MoETrainerMixin
+
+logger = logging.get_logger(__name__)
+
+ROUTING_FILE = "moe_sft_routing.json"
+# Saved with every checkpoint and final model.
+ROUTING_OPTIONS = (
+    "train_routing",
+    "routing_noise_std",
+    "expert_capacity_factor",
+    "sinkhorn_iterations",
+    "router_learning_rate",
+)
+
+
+@dataclass
+class MoESFTConfig(SFTConfig):
+    r"""
+    Configuration class for [`MoESFTTrainer`]: every parameter of `trl.SFTConfig`, plus the ones below.
+
+    Parameters:
+        > Parameters that control the training forward's routing
+
+        train_routing (`str`, *optional*, defaults to `"topk"`):
+            How the routers choose experts in the training forward. `"topk"`: the stock top-K (Det-FT). `"sample"`:
+            K experts per token drawn without replacement from the gate probabilities (Stoch-FT-Multi). `"noise"`:
+            Gaussian noise of std `routing_noise_std` on the gate log-scores, then top-K (Stoch-FT-Noise).
+            `"expert_choice"`: every expert takes the tokens of the batch it scores highest, up to its capacity
+            (Expert Choice routing). `"sinkhorn"`: Sinkhorn iterations balance the batch's gate probabilities to equal
+            expert loads, then each token takes its top-K (optimal-transport routing). The last two route a token by
+            looking at the whole batch, later tokens included, so they exist for training only. Evaluation and
+            inference always use top-K.
+        routing_noise_std (`float`, *optional*, defaults to `1.0`):
+            Standard deviation of the gate noise of `train_routing="noise"`.
+        expert_capacity_factor (`float`, *optional*, defaults to `1.0`):
+            Capacity factor of `train_routing="expert_choice"`: each expert takes
+            `ceil(expert_capacity_factor * tokens * top_k / num_experts)` of a layer's non-padding tokens, so `1.0`
+            fills as many expert slots as top-K routing does. A token no expert takes passes through the residual
+            connection only; one taken by more than top_k experts keeps its top_k most probable ones.
+        sinkhorn_iterations (`int`, *optional*, defaults to `3`):
+            Sinkhorn iterations of `train_routing="sinkhorn"` (each normalizes tokens, then experts).
+
+        > Parameters that control the routers' optimization
+
+        router_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Peak learning rate of the router weights, shaped by the same scheduler as `learning_rate`. `None` uses
+            `learning_rate`.
+
+    The load-balancing loss (`router_aux_loss_coef`, inherited: `None` takes the coefficient of the model's config, `0`
+    turns it off) is computed on the experts the tokens were dispatched to under `train_routing`, not on a fresh top-K.
+    """
+
+    train_routing: Literal["topk", "sample", "noise", "expert_choice", "sinkhorn"] = field(
+        default="topk",
+        metadata={
+            "help": "Routing of the training forward: 'topk' (stock, Det-FT), 'sample' (without replacement from the "
+            "gate probabilities, Stoch-FT-Multi), 'noise' (Gaussian noise on the gate log-scores, then top-K, "
+            "Stoch-FT-Noise), 'expert_choice' (experts pick their top tokens under a capacity) or 'sinkhorn' "
+            "(Sinkhorn-balanced assignment). Evaluation and inference use top-K."
+        },
+    )
+    routing_noise_std: float = field(
+        default=1.0,
+        metadata={"help": "Standard deviation of the gate noise of train_routing='noise'."},
+    )
+    expert_capacity_factor: float = field(
+        default=1.0,
+        metadata={
+            "help": "Capacity factor of train_routing='expert_choice': each expert takes "
+            "ceil(factor * tokens * top_k / num_experts) non-padding tokens per layer."
+        },
+    )
+    sinkhorn_iterations: int = field(
+        default=3,
+        metadata={"help": "Sinkhorn iterations of train_routing='sinkhorn'."},
+    )
+    router_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the router weights (None: learning_rate)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train_routing not in TRAINING_ROUTINGS:
+            raise MoEGRPOError(f"`train_routing={self.train_routing!r}` is not one of {TRAINING_ROUTINGS}.")
+        if self.routing_noise_std <= 0:
+            raise MoEGRPOError(
+                f"`routing_noise_std` must be positive, got {self.routing_noise_std}. For noise-free routing use "
+                "`train_routing='topk'`."
+            )
+        if self.expert_capacity_factor <= 0:
+            raise MoEGRPOError(
+                f"`expert_capacity_factor` must be positive, got {self.expert_capacity_factor}; 1.0 fills as many "
+                "expert slots as top-K routing."
+            )
+        if self.sinkhorn_iterations < 1:
+            raise MoEGRPOError(
+                f"`sinkhorn_iterations` must be at least 1, got {self.sinkhorn_iterations}; with none, Sinkhorn "
+                "routing is top-K routing (use `train_routing='topk'`)."
+            )
+        if self.router_learning_rate is not None and self.router_learning_rate < 0:
+            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise MoEGRPOError(
+                f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}; 0 turns the load-balancing "
+                "loss off."
+            )
+        if self.use_liger_kernel:
+            raise MoEGRPOError(
+                "`use_liger_kernel=True` swaps the model's layers for Liger kernels, which bypass the router hooks "
+                "the routing baselines rely on. Set `use_liger_kernel=False`."
+            )
+        if self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise MoEGRPOError(
+                "Reentrant gradient checkpointing runs the forward without autograd, so the routers would get no "
+                "gradient from the load-balancing loss. Use `gradient_checkpointing_kwargs={'use_reentrant': False}` "
+                "(TRL's default)."
+            )
+
+
+def sft_rows_from_answers(dataset, answer_column: str = "answer"):
+    """Add the `completion` column SFT trains on to a MoE-GRPO dataset: each row's reference answer.
+
+    MoE-GRPO datasets have a `prompt` (a string, or a conversation whose user turn may hold an image part, with the
+    image in an `image` column) and an `answer` column. This adds `completion`: `[{"role": "assistant", "content":
+    answer}]` for conversational prompts, the answer string otherwise. `SFTTrainer` then trains prompt-completion
+    rows with the loss on the completion only, on exactly the data MoE-GRPO uses. Other columns are kept; TRL 1.16's
+    vision collator reads the `image` (or `images`) column as it is.
+
+    Args:
+        dataset (`datasets.Dataset`, `datasets.IterableDataset`, `datasets.DatasetDict` or `list[dict]`):
+            Rows with `prompt` and `answer_column`.
+        answer_column (`str`, *optional*, defaults to `"answer"`):
+            The column holding the reference answer (converted with `str`).
+
+    Returns:
+        The same kind of object as `dataset`, with a `completion` column.
+    """
+
+    def add_completion(row: dict[str, Any]) -> dict[str, Any]:
+        if "prompt" not in row or answer_column not in row:
+            raise MoEGRPOError(
+                f"`sft_rows_from_answers` needs `prompt` and `{answer_column}` columns; a row has {sorted(row)}. Pass "
+                "`answer_column=` to name the answer's column."
+            )
+        if "completion" in row:
+            raise MoEGRPOError(
+                "The rows already have a `completion` column; `sft_rows_from_answers` would overwrite it."
+            )
+        answer = str(row[answer_column])
+        if is_conversational({"prompt": row["prompt"]}):
+            return {"completion": [{"role": "assistant", "content": answer}]}
+        return {"completion": answer}
+
+    if isinstance(dataset, list):
+        return [{**row, **add_completion(row)} for row in dataset]
+    columns = dataset.column_names
+    if isinstance(columns, dict):  # a DatasetDict: every split
+        columns = {name for split in columns.values() for name in split}
+    if columns is not None and "completion" in columns:
+        raise MoEGRPOError("The rows already have a `completion` column; `sft_rows_from_answers` would overwrite it.")
+    return dataset.map(add_completion)
+
+
+class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
+    """`trl.SFTTrainer` for MoE models with a chosen training-forward routing: the fine-tuning baselines.
+
+    It takes the same arguments as `SFTTrainer` (model, datasets, processing class, callbacks...) and an
+    [`MoESFTConfig`]. With `train_routing="topk"` and `router_aux_loss_coef=0` it computes exactly what
+    `SFTTrainer` computes (with its own aux loss off).
+    """
+
+    _tag_names = ["trl", "sft", "moe-sft"]
+    _name = "MoE-SFT"
+
+    def __init__(self, model, args: MoESFTConfig | None = None, *pargs, **kwargs):
+        if args is not None and not isinstance(args, MoESFTConfig):
+            raise MoEGRPOError(
+                f"MoESFTTrainer needs an `MoESFTConfig`, got `{type(args).__name__}`. Build one with the same "
+                "arguments: `MoESFTConfig(**your_args.to_dict())` keeps every SFT option."
+            )
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+            args = MoESFTConfig(f"{str(name).split('/')[-1]}-MoE-SFT")
+        if not isinstance(model, str):
+            # Before TRL's checks, so a dense model gets the same explanation as in MoEGRPOTrainer.
+            find_routers(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        super().__init__(model, args, *pargs, **kwargs)
+
+        self.routing = RoutingController(self.routing_model)
+        self._take_over_balance_loss(self.routing_model)
+        self._step_routes: TrainingRoutes | None = None  # the routing context of the running training step
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        options = {name: getattr(self.args, name) for name in ROUTING_OPTIONS}
+        options["router_aux_loss_coef"] = self.balance_loss_coef
+        with open(os.path.join(output_dir, ROUTING_FILE), "w") as f:
+            json.dump(options, f, indent=1)
+
+    # ------------------------------------------------------------------ routing of each step
+
+    def _routing_kwargs(self, mode: str) -> dict[str, Any]:
+        return dict(
+            mode=mode,
+            noise_std=self.args.routing_noise_std,
+            capacity_factor=self.args.expert_capacity_factor,
+            sinkhorn_iterations=self.args.sinkhorn_iterations,
+        )
+
+    @contextlib.contextmanager
+    def routing_step(self) -> Iterator[TrainingRoutes]:
+        """Route with `train_routing` while open: wrap one batch's forward *and* backward in it.
+
+        `training_step` does this; use it directly to call `compute_loss` and `backward` yourself in training mode.
+        """
+        if self._step_routes is not None:
+            raise MoEGRPOError("`routing_step` is already open: one batch at a time.")
+        with self.routing.training_routing(**self._routing_kwargs(self.args.train_routing)) as routes:
+            self._step_routes = routes
+            try:
+                yield routes
+            finally:
+                self._step_routes = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self.routing_step():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        with contextlib.ExitStack() as stack:
+            routes = self._step_routes
+            if routes is None:
+                if mode == "train" and self.args.train_routing != "topk":
+                    raise MoEGRPOError(
+                        f"`compute_loss` ran in training mode outside a training step with "
+                        f"train_routing={self.args.train_routing!r}: backward's checkpoint recompute would not see "
+                        "the drawn routes. Call `training_step`, or wrap the forward and backward in "
+                        "`with trainer.routing_step():`."
+                    )
+                # Evaluation (prediction_step) routes like inference: the stock top-K.
+                routes = stack.enter_context(self.routing.training_routing(**self._routing_kwargs("topk")))
+            elif mode == "eval":
+                raise MoEGRPOError("`compute_loss` ran in evaluation mode inside `routing_step`; evaluate outside it.")
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = result if return_outputs else (result, None)
+            balance = self._balance_loss(mode, routes.captures(), routes.mode)
+            if self.balance_loss_coef:
+                # Like TRL's MoE aux loss: with `num_items_in_batch` the loss itself carries gradient accumulation.
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.balance_loss_coef * balance / steps
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ load balance and metrics
+
+    def _balance_loss(self, mode: str, captures: list[TrainingCapture], routing: str) -> torch.Tensor:
+        """Load-balancing loss on the dispatched sets (with gradients only when it is weighted); logs the metrics."""
+        adapters = self.routing.adapters
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.balance_loss_coef)):
+            log_probs = torch.stack([a.selection_log_probs(c.logits) for a, c in zip(adapters, captures)])
+            dispatched = torch.stack([c.dispatched for c in captures])
+            active = torch.stack([c.active for c in captures])
+            token_mask = captures[0].valid
+            balance = routed_load_balancing_loss(
+                log_probs.exp(), dispatched, token_mask, self.routing.num_experts, active
+            )
+        self._log_routing_metrics(mode, captures, log_probs.detach(), dispatched, active, balance.detach(), routing)
+        return balance
+
+    @torch.no_grad()
+    def _log_routing_metrics(self, mode, captures, log_probs, dispatched, active, balance, routing) -> None:
+        valid = captures[0].valid
+        self._log_mean(mode, "routing/balance_loss", balance)
+        entropy = -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1).mean(0)  # [rows]
+        self._log_masked_mean(mode, "routing/entropy", entropy, valid)
+        # The set of experts that carry weight, against the router's stock choice (inactive slots never match).
+        num_experts = self.routing.num_experts
+        routed = torch.where(active, dispatched, num_experts).sort(-1).values
+        top_k = torch.stack([c.top_k for c in captures]).sort(-1).values
+        differs = (routed != top_k).any(-1).float().mean(0)
+        self._log_masked_mean(mode, "routing/dispatched_differs_from_topk", differs, valid)
+        if routing == "expert_choice":
+            choices = torch.stack([c.num_choices for c in captures])  # [layers, rows]
+            # Shares of the (non-padding token, layer) decisions: taken by no expert, or by more than top_k.
+            self._log_masked_mean(mode, "routing/dropped_tokens", (choices == 0).float().mean(0), valid)
+            truncated = (choices > self.routing.top_k).float().mean(0)
+            self._log_masked_mean(mode, "routing/truncated_tokens", truncated, valid)
