@@ -117,11 +117,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward", default="choice", help="`choice` (option letter), `exact`, or module:function")
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=3e-5)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--router-learning-rate", type=float, default=3e-3)
     parser.add_argument("--num-train", type=int, default=2048, help="rows of the generated visual_mc train split")
     parser.add_argument("--num-test", type=int, default=512, help="held-out rows scored")
@@ -261,10 +261,19 @@ def train_arm(
         trainer.train()
         moved = float((router_weights(trainer.routing) - before).norm() / before.norm())
         trainer.routing.remove()
+        # RL arms: the share of prompt groups whose rollouts disagreed in reward (the only ones that carry a signal).
+        zero_std = [log["frac_reward_zero_std"] for log in trainer.state.log_history if "frac_reward_zero_std" in log]
+        signal = 1 - statistics.fmean(zero_std) if zero_std else None
     train_seconds = time.perf_counter() - start
     result = measure(model, processor, rows, reward, args.max_completion_length, arm.name, figures)
     seconds = time.perf_counter() - start
-    return {**result, "router_weight_change": moved, "train_seconds": train_seconds, "seconds": seconds}
+    return {
+        **result,
+        "router_weight_change": moved,
+        "groups_with_signal": signal,
+        "train_seconds": train_seconds,
+        "seconds": seconds,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -326,7 +335,7 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
         title, arms, paper = TABLES[table]
         header = " | ".join(t for t in tasks if t != "all")
         lines += [f"## {title}", "", f"| method | accuracy (mean ± std) | {header} | vs MoE-GRPO (± SE) | paper |"]
-        lines.append("|" + " --- |" * (len(tasks) + 4))
+        lines.append("|" + " --- |" * (len(tasks) + 3))
         reference = accuracies("moe_grpo")
         for arm in arms:
             mean, std = mean_std(accuracies(arm))
@@ -349,16 +358,18 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
         "frequencies over one prompt's tokens, averaged over prompts (the paper's measure, on prompts of tens of "
         "tokens, not 2K); pooled: the same over all held-out tokens. Task JSD: Jensen-Shannon divergence between "
         "the tasks' expert-selection distributions, mean over task pairs. Router change: relative norm of the "
-        "router weights' change. Figures: `expert_utilization_by_task` and `routing_probabilities` PNGs in the "
-        "folder beside this report, before training and after Det-FT and MoE-GRPO (first seed).",
+        "router weights' change. Signal: for the RL arms, the share of prompt groups whose G rollouts did not all get "
+        "the same reward, averaged over logged steps (only those groups carry a gradient). Figures: "
+        "`expert_utilization_by_task` and `routing_probabilities` PNGs in the folder beside this report, before "
+        "training and after Det-FT and MoE-GRPO (first seed).",
         "",
-        "| method | gate entropy | sequence routing entropy | pooled | task JSD | router change |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | gate entropy | sequence routing entropy | pooled | task JSD | router change | signal |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     b = base["routing"]
     lines.append(
         f"| before training | {b['mean_gate_entropy']:.3f} | {b['sequence_routing_entropy']:.3f} | "
-        f"{b['pooled_routing_entropy']:.3f} | {_fmt(b['task_jsd'])} | — |"
+        f"{b['pooled_routing_entropy']:.3f} | {_fmt(b['task_jsd'])} | — | — |"
     )
     shown = [arm for arm in ARMS if all(f"{arm}/{seed}" in runs for seed in seeds)]
     for arm in shown:
@@ -369,9 +380,11 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
             return statistics.fmean(values) if values else None
 
         change = statistics.fmean(s["router_weight_change"] for s in stats)
+        signals = [s.get("groups_with_signal") for s in stats]
+        signal = statistics.fmean(signals) if None not in signals else None
         lines.append(
             f"| {ARMS[arm].label} | {avg('mean_gate_entropy'):.3f} | {avg('sequence_routing_entropy'):.3f} | "
-            f"{avg('pooled_routing_entropy'):.3f} | {_fmt(avg('task_jsd'))} | {change:.3f} |"
+            f"{avg('pooled_routing_entropy'):.3f} | {_fmt(avg('task_jsd'))} | {change:.3f} | {_fmt(signal)} |"
         )
     lines += ["", f"({PAPER_ANALYSIS})", "", "## Time per arm", ""]
     lines += ["| method | training s per run | with evaluation |", "| --- | --- | --- |"]
@@ -437,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = sum(results["runs"][f"{arm}/{seed}"]["seconds"] for arm in arms for seed in args.seeds)
 
     info = {
-        "command": "python benchmarks/paper_tables.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python benchmarks/paper_tables.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.python_version()}",
         "versions": {
             "torch": torch.__version__,

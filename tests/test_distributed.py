@@ -2,7 +2,7 @@
 
 Each test launches the quickstart recipe on 2 gloo ranks for 2 steps, on a tiny InternVL-MoE saved to a temp folder,
 and asserts what actually ran from the recipe's `run_info.json`: on CPU, accelerate can silently start one process or
-leave DeepSpeed off (DESIGN §6), so a finished run proves nothing by itself.
+leave DeepSpeed off (README, "Recipes, multi-process and DeepSpeed"), so a finished run proves nothing.
 """
 
 from __future__ import annotations

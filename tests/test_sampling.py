@@ -1,4 +1,4 @@
-"""Sampled routing: Gumbel-top-K draws sets with the law that `set_log_prob` scores (DESIGN §2)."""
+"""Sampled routing: Gumbel-top-K draws sets with the law that `set_log_prob` scores (`docs/design.md` §2)."""
 
 from __future__ import annotations
 

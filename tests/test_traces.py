@@ -1,4 +1,4 @@
-"""The routing-trace contract (DESIGN §3): routes sit exactly where TRL puts the tokens they belong to.
+"""The routing-trace contract (`docs/design.md` §3): routes sit exactly where TRL puts the tokens they belong to.
 
 The synthetic tests simulate what `generate` records on a left-padded batch, with every route encoding the
 (row, token index) it belongs to, so a route attached to the wrong token is caught by value. The model tests check

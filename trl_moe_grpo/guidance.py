@@ -1,4 +1,4 @@
-"""Modality-aware router guidance (DESIGN §2, paper eq. 7).
+"""Modality-aware router guidance (`docs/design.md` §2, paper eq. 7).
 
 Per MoE layer, count how often each expert is in the top-K of vision tokens and of text tokens over a calibration set,
 turn the counts into modality scores, and remove from each modality's sampling distribution the experts that modality

@@ -1,6 +1,6 @@
 """The routing losses of MoE-GRPO: probability of a chosen expert set, Gate-GRPO, load balancing on routed sets.
 
-All functions are pure tensor math (DESIGN §2); the trainer feeds them what the routing controller captured.
+All functions are pure tensor math (`docs/design.md` §2); the trainer feeds them what the routing controller captured.
 """
 
 from __future__ import annotations

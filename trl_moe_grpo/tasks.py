@@ -1,7 +1,7 @@
 """A small verifiable text task for the examples, tests and benchmarks: the last digit of a sum.
 
 Prompts read `3+9=`; the answer is the last digit of the sum (`2`). The accuracy reward is 1 when the completion starts
-with that digit, else 0 (DESIGN §1: accuracy reward, 1 correct, 0 otherwise).
+with that digit, else 0 (the paper's accuracy reward: 1 correct, 0 otherwise).
 """
 
 from __future__ import annotations

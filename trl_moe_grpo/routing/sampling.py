@@ -1,6 +1,6 @@
 """Sampled routing: draw K distinct experts per token from the router's selection distribution.
 
-This is the exploration half of MoE-GRPO (DESIGN §2, "Rollout sampling"). The Gumbel-top-K trick draws a set without
+This is the exploration half of MoE-GRPO (`docs/design.md` §2, "Sampling"). The Gumbel-top-K trick draws a set without
 replacement in one vectorized step: perturb each log-probability with independent Gumbel noise and keep the K largest.
 The result has exactly the law of K sequential multinomial draws without replacement, and the order of the perturbed
 keys is the order in which the sequential sampler would have drawn them, which is what the trace records.

@@ -1,8 +1,8 @@
 """Routing traces: from what `generate` routed to tensors laid out exactly like TRL's token ids.
 
-Contract (DESIGN §3): for each rollout, `[tokens, layers, top_k]` int16 expert ids in drawn order for every token the
-model processed, prompt and completion. Batched, prompts are left-padded and completions right-padded, with the same
-`pad_to_multiple_of` as the token ids, and padding holds `-1`.
+Contract (`docs/design.md` §3): for each rollout, `[tokens, layers, top_k]` int16 expert ids in drawn order for
+every token the model processed, prompt and completion. Batched, prompts are left-padded and completions right-padded,
+with the same `pad_to_multiple_of` as the token ids, and padding holds `-1`.
 
 How `generate` maps onto it: the first call (prefill) routes every prompt token; decode call `j >= 1` routes the
 completion token `j - 1` it feeds back. The last completion token is never fed (nothing follows it) unless another row
