@@ -75,7 +75,7 @@ def launch(accelerate_config: str, model: Path, output_dir: Path, *flags: str) -
         "--model_name_or_path", str(model), "--output_dir", str(output_dir),
         "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true",
         "--num_train_examples", "64", "--num_test_examples", "16", "--modality_calibration_samples", "16",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--write_run_info", "true",
         *flags,
     ]  # fmt: skip
     # No GPU even where there is one: these are the CPU (gloo) set-ups. No hub: everything is local.

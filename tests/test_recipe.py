@@ -4,20 +4,21 @@ import importlib.metadata
 import json
 import math
 import subprocess
-import sys
 import sysconfig
 import venv
 from pathlib import Path
 
 import pytest
 
+from trl_moe_grpo import MoEGRPOError
+from trl_moe_grpo.scripts.grpo import make_parser
+from trl_moe_grpo.visual_mc import TASKS
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
 
-import train  # noqa: E402  (recipes/train.py)
 
-from trl_moe_grpo import MoEGRPOError  # noqa: E402
-from trl_moe_grpo.visual_mc import TASKS  # noqa: E402
+def parse(argv: list[str]):
+    return make_parser().parse_args_and_config(argv)
 
 
 def python_without(distribution: str, root: Path) -> str:
@@ -46,6 +47,7 @@ def test_quickstart_recipe_runs_and_reports_without_deepspeed(tmp_path):
         python, "-m", "accelerate.commands.launch", "--num_processes", "1", "recipes/train.py",
         "--config", "recipes/quickstart.yaml", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
         "--num_test_examples", "16", "--modality_calibration_samples", "16", "--logging_steps", "1",
+        "--write_run_info", "true",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -66,15 +68,18 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
     recipe = tmp_path / "typo.yaml"
     recipe.write_text((REPO / "recipes/quickstart.yaml").read_text() + "\nlearning_rat: 1.0e-4\n")
     with pytest.raises(MoEGRPOError, match="learning_rat"):
-        train.parse(["--config", str(recipe)])
+        parse(["--config", str(recipe)])
 
 
 def test_both_recipes_parse():
-    quickstart = train.parse(["--config", str(REPO / "recipes/quickstart.yaml")])[1]
+    quickstart_script, quickstart, _ = parse(["--config", str(REPO / "recipes/quickstart.yaml")])
     # The paper's recipe is for GPUs (bf16); here only its values are checked, on CPU in fp32.
     cpu = ["--use_cpu", "true", "--bf16", "false"]
-    paper = train.parse(["--config", str(REPO / "recipes/internvl3_5_1b_moe_grpo.yaml"), *cpu])[1]
+    paper_script, paper, _ = parse(["--config", str(REPO / "recipes/internvl3_5_1b_moe_grpo.yaml"), *cpu])
     for config in (quickstart, paper):
         assert config.num_generations == 8 and config.modality_mask_ratio == 0.25 and config.beta == 0.0
     assert paper.learning_rate == 1e-6 and paper.lr_scheduler_type == "cosine" and paper.max_steps == 25000
     assert paper.per_device_train_batch_size == 4
+    # Both name their reward; only the quickstart reports before/after.
+    assert quickstart_script.reward_funcs == paper_script.reward_funcs == ["visual_mc_accuracy"]
+    assert quickstart_script.report and not paper_script.report
