@@ -12,7 +12,9 @@ from trl import GRPOTrainer
 
 from trl_moe_grpo.losses import (
     GATE_LOSS_TYPES,
+    balance_loss_given_load,
     clipped_objective,
+    expert_load,
     reduce_like_trl,
     routed_load_balancing_loss,
 )
@@ -295,3 +297,28 @@ def test_load_balancing_matches_transformers_with_a_mask():
     ours = routed_load_balancing_loss(probs[None], dispatched[None], attention_mask.reshape(-1), num_experts)
     reference = load_balancing_loss_func((logits,), num_experts, top_k, attention_mask)
     torch.testing.assert_close(ours, reference)
+
+
+def test_load_balancing_with_the_batch_load_adds_up_over_micro_batches():
+    """With the whole batch's expert load fixed, the parts' losses (each divided by the batch's token count) sum to
+    the batch's loss, values and gradients: gradient accumulation does not change it."""
+    generator = torch.Generator().manual_seed(3)
+    layers, rows, num_experts, top_k = 3, 12, 6, 2
+    logits = torch.randn(layers, rows, num_experts, generator=generator, requires_grad=True)
+    dispatched = torch.rand(layers, rows, num_experts, generator=generator).argsort(-1)[..., :top_k]
+    token_mask = torch.rand(rows, generator=generator) < 0.75
+    dispatched[:, ~token_mask] = -1  # padding holds -1 in a trace: never read
+    whole = routed_load_balancing_loss(logits.softmax(-1), dispatched, token_mask, num_experts)
+    (whole_grad,) = torch.autograd.grad(whole, logits)
+
+    count = token_mask.sum()
+    load = expert_load(dispatched, token_mask, num_experts) / count
+    assert torch.allclose(load.sum(-1), torch.full((layers,), float(top_k)))
+    parts = [slice(0, 5), slice(5, 12)]
+    total = sum(
+        balance_loss_given_load(logits[:, part].softmax(-1), token_mask[part], load, num_experts) / count
+        for part in parts
+    )
+    (parts_grad,) = torch.autograd.grad(total, logits)
+    torch.testing.assert_close(total, whole)
+    torch.testing.assert_close(parts_grad, whole_grad)

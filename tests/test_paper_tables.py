@@ -31,7 +31,7 @@ def test_every_arm_trains_and_is_reported(tmp_path):
     report = output.read_text()
     for title in ("Table 1", "Table 4", "Table 5", "Table 7", "Routing analysis", "Time per arm"):
         assert f"## {title}" in report
-    assert report.count("| MoE-GRPO |") == 5  # its row in each of the four tables and in the analysis
+    assert report.count("| MoE-GRPO |") == 6  # its row in each of the four tables, the analysis and the times
     for name in ("before", "det_ft", "moe_grpo"):
         for figure in ("expert_utilization_by_task", "routing_probabilities"):
             assert (tmp_path / "results" / f"{name}_{figure}.png").stat().st_size > 0

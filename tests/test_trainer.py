@@ -6,11 +6,18 @@ import pytest
 import torch
 from conftest import config_values, digit_share, make_config
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
 
 from trl_moe_grpo import MoEGRPOConfig, MoEGRPOError, MoEGRPOTrainer
-from trl_moe_grpo.tiny import tiny_dense_model, tiny_moe_model
+from trl_moe_grpo.tiny import tiny_dense_model, tiny_moe_config, tiny_moe_model
 
-MOE_KEYS = ("routed_experts", "old_gate_logps", "num_gate_items_in_batch")
+MOE_KEYS = (
+    "routed_experts",
+    "old_gate_logps",
+    "num_gate_items_in_batch",
+    "expert_load",
+    "num_balance_tokens_in_batch",
+)
 
 
 def group_rows(dataset, num_prompts: int, group: int) -> list[dict]:
@@ -56,6 +63,114 @@ def test_topk_without_gate_loss_equals_trl_grpo(tmp_path, tokenizer, dataset):
         assert (mine.grad is None) == (theirs.grad is None)
         if mine.grad is not None:
             torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=0)
+
+
+def test_topk_with_a_balance_loss_equals_trl_grpo_with_its_aux_loss_on_one_moe_layer(tmp_path, tokenizer, dataset):
+    """The exact R3 claim with a balance coefficient: one MoE layer (transformers pools layers, this trainer averages
+    them), one micro-batch per generation, and only tokens with a recorded route (a rollout's last completion token
+    has none: it is masked here in both trainers' batch)."""
+    values = config_values(tmp_path, router_aux_loss_coef=0.05)
+    config = tiny_moe_config("qwen3_moe", num_hidden_layers=1)
+    moe = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=1, config=config),
+        digit_share,
+        args=MoEGRPOConfig(**values, rollout_routing="topk", gate_loss_coef=0.0),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    grpo = GRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=1, config=tiny_moe_config("qwen3_moe", num_hidden_layers=1)),
+        digit_share,
+        args=GRPOConfig(**values),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    assert grpo.aux_loss_enabled and moe.balance_loss_coef == grpo.router_aux_loss_coef == 0.05
+    for trainer in (moe, grpo):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+
+    with moe._routing_step():
+        batch = moe._generate_and_score_completions(group_rows(dataset, 2, 4))
+    width = batch["prompt_ids"].size(1)
+    unrecorded = (batch["routed_experts"][:, width:, 0, 0] < 0) & batch["completion_mask"].bool()
+    assert unrecorded.any()
+    batch["completion_mask"] = batch["completion_mask"] * ~unrecorded
+    batch.update(moe._generation_batch_load(batch["routed_experts"], batch["prompt_mask"], batch["completion_mask"]))
+    with moe._routing_step():
+        moe_loss = moe._compute_loss(moe.model, batch)
+        moe_loss.backward()
+    grpo_loss = grpo._compute_loss(grpo.model, {k: v for k, v in batch.items() if k not in MOE_KEYS})
+    grpo_loss.backward()
+
+    assert moe._metrics["train"]["routing/balance_loss"][-1] == pytest.approx(grpo._metrics["train"]["aux_loss"][-1])
+    assert abs(moe_loss.item() - grpo_loss.item()) <= 1e-6
+    for mine, theirs in zip(moe.model.parameters(), grpo.model.parameters()):
+        if mine.grad is not None:
+            torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_gradient_accumulation_leaves_the_gradients_unchanged(tmp_path, tokenizer, dataset, loss_type):
+    """One micro-batch of 8 rows (GA 1x8) and two of 4 (GA 2x4) give the same gradients: every term (token loss,
+    Gate-GRPO, balance loss) is additive over the micro-batches of an accumulation window."""
+    trainer = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=2),
+        digit_share,
+        args=make_config(tmp_path, router_aux_loss_coef=0.1, loss_type=loss_type),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    model = trainer.model
+    model.train()
+    with trainer._routing_step():
+        batch = trainer._generate_and_score_completions(group_rows(dataset, 2, 4))
+    assert batch["advantages"].abs().sum() > 0
+
+    def grads(accumulation: int) -> dict[str, torch.Tensor]:
+        trainer.current_gradient_accumulation_steps = accumulation
+        trainer.args.gradient_accumulation_steps = trainer.args.steps_per_generation = accumulation
+        model.zero_grad(set_to_none=True)
+        for micro_batch in split_tensor_dict(batch, accumulation):
+            with trainer._routing_step():
+                trainer._compute_loss(model, micro_batch).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    whole, accumulated = grads(1), grads(2)
+    assert whole.keys() == accumulated.keys()
+    difference = max((whole[name] - accumulated[name]).abs().max().item() for name in whole)
+    assert difference <= 1e-6, f"GA 1x8 and GA 2x4 gradients differ by {difference}"
+
+
+def test_truncated_rollouts_leave_the_routing_losses(tmp_path, tokenizer, dataset):
+    """mask_truncated_completions: TRL zeroes a truncated row's completion mask; its prompt's routing must not be
+    trained with its advantage either, nor counted in `num_gate_items_in_batch`."""
+    model = tiny_moe_model("qwen3_moe", seed=8)
+    with torch.no_grad():  # end a rollout where this random model would write token 24, so some rollouts finish
+        model.lm_head.weight[tokenizer.eos_token_id] = 2 * model.lm_head.weight[24]
+    trainer = MoEGRPOTrainer(
+        model,
+        digit_share,
+        args=make_config(tmp_path, mask_truncated_completions=True, max_completion_length=3, num_iterations=2),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    with trainer._routing_step():
+        batch = trainer._generate_and_score_completions(group_rows(dataset, 2, 4))
+    truncated = ~batch["completion_mask"].bool().any(dim=1)
+    assert truncated.any() and not truncated.all(), "the batch needs truncated and finished rollouts"
+    recorded = batch["routed_experts"][..., 0, 0] >= 0
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).bool()
+    assert batch["num_gate_items_in_batch"] == (recorded & attention & ~truncated[:, None]).sum()
+
+    def loss_with(advantages: torch.Tensor) -> torch.Tensor:
+        with trainer._routing_step():
+            return trainer._compute_loss(trainer.model, {**batch, "advantages": advantages}).detach()
+
+    other = torch.where(truncated, 10.0 + batch["advantages"], batch["advantages"])
+    torch.testing.assert_close(loss_with(other), loss_with(batch["advantages"]), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -261,6 +376,21 @@ def test_tools_are_rejected(tmp_path, tokenizer, dataset):
 def test_invalid_options_are_explained(tmp_path, overrides, message):
     with pytest.raises(MoEGRPOError, match=message):
         make_config(tmp_path, **overrides)
+
+
+def test_reentrant_checkpointing_set_after_the_config_is_refused(tmp_path, tokenizer, dataset):
+    """TRL 1.16 forces `use_reentrant=True` for PEFT models under ZeRO-3 after `MoEGRPOConfig` checked it: the
+    trainer checks the resolved value (here set the same way, after the config, without DeepSpeed)."""
+    args = make_config(tmp_path, gradient_checkpointing=True)
+    args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+    with pytest.raises(MoEGRPOError, match="use_reentrant=True.*ZeRO-3.*no gradient"):
+        MoEGRPOTrainer(tiny_moe_model(), digit_share, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_model_card_cites_moe_grpo():
+    assert MoEGRPOTrainer._paper["title"].startswith("MoE-GRPO: Optimizing Mixture-of-Experts")
+    assert "MoE-GRPO" in MoEGRPOTrainer._paper["citation"] and "2026" in MoEGRPOTrainer._paper["citation"]
+    assert "id" not in MoEGRPOTrainer._paper  # no arXiv id is known: the card cites the paper without a link
 
 
 def test_vllm_with_sampled_routing_is_explained(tmp_path):

@@ -13,6 +13,7 @@ from .commands.base import Command
 
 # The commands, in the order `--help` lists them. Each module is light to import.
 COMMAND_PATHS: list[tuple[str, str]] = [
+    ("trl_moe_grpo.commands.train", "TrainCommand"),
     ("trl_moe_grpo.commands.calibrate", "CalibrateCommand"),
     ("trl_moe_grpo.commands.analyze", "AnalyzeCommand"),
     ("trl_moe_grpo.commands.analyze_routing", "AnalyzeRoutingCommand"),
@@ -38,10 +39,18 @@ def make_parser(commands: list[Command]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A `MoEGRPOError` (a problem the user can fix, and the fix is in its message) becomes one line
+    `trl-moe-grpo <command>: error: ...` on stderr and exit code 2, as argparse reports bad arguments."""
+    from .errors import MoEGRPOError
+
     commands = build_commands()
     args = make_parser(commands).parse_args(argv)
     by_name = {command.name: command for command in commands}
-    return by_name[args.command].run(args)
+    try:
+        return by_name[args.command].run(args)
+    except MoEGRPOError as error:
+        print(f"trl-moe-grpo {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -67,7 +67,10 @@ class MoEGRPOConfig(GRPOConfig):
         modality_calibration_samples (`int`, *optional*, defaults to `256`):
             Number of training prompts the trainer's own calibration pass uses.
 
-    The load-balancing loss (`router_aux_loss_coef`, inherited) is computed on the experts the tokens were routed to.
+    The load-balancing loss (`router_aux_loss_coef`, inherited) is computed on the experts the tokens were routed to,
+    per layer, with the expert load of the whole generation batch, so gradient accumulation does not change it (see
+    [`MoEGRPOTrainer`] for how it differs from transformers' auxiliary loss). Under `mask_truncated_completions=True`,
+    truncated rollouts are left out of Gate-GRPO entirely, prompt included.
 
     > [!NOTE]
     > These defaults restate the paper's setting: `num_generations=8` and no KL term (`beta=0.0`).

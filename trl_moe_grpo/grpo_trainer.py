@@ -7,8 +7,11 @@ How it hooks into TRL (each override is the narrowest method that does the job a
 - `_generate_and_score_completions`: the trace joins the batch dict as `routed_experts`, so TRL's buffering,
   shuffling and micro-batch splitting keep it aligned with its rows for free.
 - `_get_per_token_logps_and_entropies`: every forward TRL makes (old log-probs, reference, policy) replays the trace.
-  Token-GRPO is therefore TRL's own token loss, computed under replay.
-- `_compute_loss`: adds Gate-GRPO and the load-balancing loss on the routed sets, from what the replayed forward
+  Token-GRPO is therefore TRL's own token loss, computed under replay. Each forward's captures are read right after
+  it ran and kept only for the forward they came from (old gate log-probs from the old-log-prob pass, the policy's
+  captures from the training forward); the reference forward (`ref_model`, or a PEFT model with its adapters disabled
+  or its "ref" adapter active) keeps nothing, whatever order TRL runs them in.
+- `_compute_loss`: adds Gate-GRPO and the load-balancing loss on the routed sets, from what the training forward
   captured.
 - `create_optimizer`: an optional learning rate of the routers' own (`router_learning_rate`).
 - `training_step` / `prediction_step`: bound the replay state to the whole step, backward (checkpoint recompute)
@@ -21,10 +24,12 @@ import contextlib
 import itertools
 import json
 import os
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -33,10 +38,10 @@ from trl.trainer.utils import nanstd
 from .errors import MoEGRPOError
 from .grpo_config import MoEGRPOConfig
 from .guidance import ModalityStatistics, calibrate, vision_token_ids
-from .losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
+from .losses import balance_loss_given_load, clipped_objective, expert_load, reduce_like_trl, set_log_prob
 from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
-from .trainer_common import MoETrainerMixin
+from .trainer_common import MoETrainerMixin, peft_config_training_routers
 from .zero3 import gathered_parameters
 
 logger = logging.get_logger(__name__)
@@ -61,12 +66,53 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` that trains the expert routing of MoE models with MoE-GRPO.
 
     It takes the same arguments as `GRPOTrainer` (model, reward functions, datasets, PEFT config, callbacks...) and an
-    [`MoEGRPOConfig`]. With `rollout_routing="topk"` and `gate_loss_coef=0` it is plain GRPO with rollout routing
-    replay (R3): the training forward routes every token as the rollout did.
+    [`MoEGRPOConfig`].
+
+    **Rollout routing replay (R3).** With `rollout_routing="topk"` and `gate_loss_coef=0` it is plain GRPO with the
+    training forward routing every token as the rollout did. With `router_aux_loss_coef=0` as well, its loss and
+    gradients are `trl.GRPOTrainer`'s (tested to 1e-6 in fp32). A non-zero balance coefficient (the config's, else the
+    model's `router_aux_loss_coef`) replaces TRL's MoE auxiliary loss with this trainer's load-balancing loss, which
+    differs from transformers' `load_balancing_loss_func` by design:
+
+    - it is computed per MoE layer, then averaged (transformers pools the layers' loads and probabilities first; the
+      two agree for a model with one MoE layer);
+    - the expert load `f` counts the recorded routes of the whole generation batch (all processes), not of one
+      forward, and the mean probabilities are normalized by that batch's token count as TRL normalizes `dapo`: the
+      loss of an accumulation window is the sum of its micro-batches' losses, so gradient accumulation does not change
+      it (TRL's auxiliary loss averages per-micro-batch losses instead);
+    - it counts the tokens with a recorded route: every non-padding token except each rollout's last completion token,
+      which generation never feeds back to the model (its routing influences no scored log-probability).
+
+    **PEFT.** LoRA's `target_modules` cannot reach transformers' routers (they are not `nn.Linear` layers), so with a
+    `LoraConfig` as `peft_config` the trainer adds the routers' weights to the config's `target_parameters`: each
+    router trains through a LoRA update of the adapter's rank, saved with the adapter (a copy of the config is
+    changed, not yours). Routers listed in `modules_to_save` are refused (PEFT would keep two copies of each
+    router). With another PEFT method, or a `PeftModel` whose adapter leaves every router frozen, a non-zero
+    `gate_loss_coef` is an error: Gate-GRPO would train nothing. The reference model of `beta > 0` is the model with
+    its adapters disabled, as in TRL.
+
+    **Truncated completions.** With `mask_truncated_completions=True`, TRL zeroes a truncated rollout's completion
+    mask; Gate-GRPO and its metrics then leave out the whole row, prompt included (its advantage would otherwise train
+    the prompt's routing). The balance loss keeps the tokens TRL's forward attends to (the prompt), since it weighs no
+    advantage.
+
+    The model's `output_router_logits` is switched off while training (the routing hooks compute the balance loss);
+    saved models keep the value the model came with.
     """
 
     _tag_names = ["trl", "grpo", "moe-grpo"]
     _name = "MoE-GRPO"
+    # No arXiv id is known for the paper: TRL's model card then cites it without a paper link.
+    _paper = {
+        "title": "MoE-GRPO: Optimizing Mixture-of-Experts via Reinforcement Learning in Vision-Language Models",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @misc{moe_grpo_2026,
+                title        = {{MoE-GRPO: Optimizing Mixture-of-Experts via Reinforcement Learning in
+                                 Vision-Language Models}},
+                year         = 2026,
+            }"""),
+    }
 
     def __init__(self, model, reward_funcs=None, args: MoEGRPOConfig | None = None, *pargs, **kwargs):
         if args is not None and not isinstance(args, MoEGRPOConfig):
@@ -83,7 +129,17 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
             args = MoEGRPOConfig(f"{str(name).split('/')[-1]}-MoE-GRPO")
+        if kwargs.get("peft_config") is not None:
+            kwargs["peft_config"] = peft_config_training_routers(kwargs["peft_config"], model, args)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            # `MoEGRPOConfig` refuses it; TRL 1.16 sets it afterwards for PEFT models under DeepSpeed ZeRO-3.
+            raise MoEGRPOError(
+                "Gradient checkpointing is reentrant (`use_reentrant=True`): TRL forces it for PEFT models under "
+                "DeepSpeed ZeRO-3 (trl#2514). Reentrant checkpointing runs the forward without autograd, so the gate "
+                "probabilities would get no gradient. Set `gradient_checkpointing=False`, use ZeRO-2, or train "
+                "without PEFT."
+            )
         if self._is_vlm and self._tokenizer.padding_side != "left":
             # TRL left-pads the prompt ids itself but re-runs the processor for the training forward's per-token
             # fields (`mm_token_type_ids`, `token_type_ids`): padded on the other side they would misplace every
@@ -99,6 +155,13 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             self.ref_routing = RoutingController(self.ref_model, vision_token_ids=vision_token_ids(self.ref_model))
 
         self._take_over_balance_loss(policy, self.ref_model)
+        if args.gate_loss_coef > 0 and not self.router_trainable_parameters():
+            raise MoEGRPOError(
+                "No router parameter is trainable, so Gate-GRPO would train nothing. Under PEFT, pass a `LoraConfig` "
+                "as `peft_config` (the trainer adds the routers' weights to its `target_parameters`), or add them to "
+                "your adapter's `target_parameters` yourself (e.g. `['mlp.gate.weight']`); otherwise unfreeze the "
+                "routers, or set `gate_loss_coef=0`."
+            )
 
         if args.greedy_decoding:
             greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
@@ -107,6 +170,10 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 self.generation_kwargs.update(greedy)
 
         self._batch_routes: torch.Tensor | None = None  # the trace the next forward replays
+        self._scoring_rollouts = False  # inside `_generate_and_score_completions`
+        # What a forward produced, stored right after that forward by role (never by call order): "old_gate_logps"
+        # from the old-log-prob pass, "policy_captures" from the training forward. Each is taken once by its reader.
+        self._forward_results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ modality-aware guidance, checkpoints
 
@@ -197,8 +264,14 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._batch_routes = None
-        output = super()._generate_and_score_completions(inputs)
+        self._forward_results.pop("old_gate_logps", None)
+        self._scoring_rollouts = True
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._scoring_rollouts = False
         routes, self._batch_routes = self._batch_routes, None
+        old_gate_logps = self._forward_results.pop("old_gate_logps", None)
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         if routes is None or routes.shape[:2] != input_ids.shape:
             raise MoEGRPOError(
@@ -207,14 +280,33 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             )
         output["routed_experts"] = routes
         if "old_per_token_logps" in output:
-            # Generations are reused across optimizer steps: score the sets under the policy that drew them, from
-            # the no-grad replayed forward TRL just ran for its old token log-probs.
-            with torch.no_grad():
-                output["old_gate_logps"] = self._gate_log_probs(self.routing.captures(), input_ids).detach()
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        gate_mask = self._gate_mask(routes, attention_mask, output["prompt_ids"].size(1))
+            # Generations are reused across optimizer steps: the sets are scored under the policy that drew them, by
+            # the no-grad replayed forward TRL ran for its old token log-probs (`_get_per_token_logps_and_entropies`).
+            if old_gate_logps is None:
+                raise MoEGRPOError("TRL computed old log-probs, but no policy forward scored the old gate log-probs.")
+            output["old_gate_logps"] = old_gate_logps
+        gate_mask = self._gate_mask(routes, output["prompt_mask"], output["completion_mask"])
         output["num_gate_items_in_batch"] = self.accelerator.gather(gate_mask.sum()).sum()
+        if self.balance_loss_coef:
+            output.update(self._generation_batch_load(routes, output["prompt_mask"], output["completion_mask"]))
         return output
+
+    def _generation_batch_load(self, routes, prompt_mask, completion_mask) -> dict[str, torch.Tensor]:
+        """The expert load of the balance loss, over the whole generation batch of every process (`docs/design.md` §5).
+
+        `expert_load`: `[batch, layers, experts]`, every row holding the batch's routed slots per token (so TRL's
+        shuffling and splitting hand each micro-batch the load of its whole batch); `num_balance_tokens_in_batch`:
+        the tokens counted (non-padding, with a recorded route), over all processes.
+        """
+        batch = routes.shape[0]
+        counted = self._balance_mask(routes, prompt_mask, completion_mask).reshape(-1)
+        dispatched = routes.flatten(0, 1).transpose(0, 1)  # [layers, rows, top_k]
+        load = expert_load(dispatched, counted, self.routing.num_experts)
+        totals = torch.cat([load.reshape(-1), counted.sum().reshape(1).to(load.dtype)])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        tokens = totals[-1]
+        fraction = totals[:-1].view_as(load) / tokens.clamp(min=1.0)
+        return {"expert_load": fraction.expand(batch, *fraction.shape), "num_balance_tokens_in_batch": tokens}
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -233,10 +325,30 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         controller = self.ref_routing if self.ref_model is not None and model is self.ref_model else self.routing
         if self._batch_routes is None:
             raise MoEGRPOError("A training forward ran without a routing trace to replay.")
+        reference = self._is_reference_forward(model)
         controller.start_replay(self._batch_routes, dispatch=self.args.routing_replay)
         result = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
         controller.finish_replay()
+        if not reference:
+            # Read now, before another forward (the reference pass shares the policy's controller under PEFT) replays.
+            captures = controller.captures()
+            if self._scoring_rollouts:  # TRL's old-log-prob pass, run only when generations are reused
+                with torch.no_grad():
+                    self._forward_results["old_gate_logps"] = self._gate_log_probs(captures, input_ids).detach()
+            else:
+                self._forward_results["policy_captures"] = captures
         return result
+
+    def _is_reference_forward(self, model) -> bool:
+        """Whether TRL calls `model` for its reference log-probs: the `ref_model`, or a PEFT policy whose adapters are
+        disabled (a new adapter) or whose "ref" adapter is active (a pretrained one)."""
+        if self.ref_model is not None and model is self.ref_model:
+            return True
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not is_peft_model(unwrapped):
+            return False
+        # PEFT keeps `_adapters_disabled` while `disable_adapter()` is open (no public flag exposes it).
+        return bool(getattr(unwrapped, "_adapters_disabled", False)) or unwrapped.active_adapter == "ref"
 
     @contextlib.contextmanager
     def _routing_step(self) -> Iterator[None]:
@@ -248,6 +360,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 yield
             finally:
                 self._batch_routes = None
+                self._forward_results.clear()
 
     def training_step(self, model, inputs, num_items_in_batch):
         with self._routing_step():
@@ -261,14 +374,29 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._batch_routes = inputs["routed_experts"]
+        self._forward_results.pop("policy_captures", None)
         token_loss = super()._compute_loss(model, inputs)
-        return self.args.token_loss_coef * token_loss + self._routing_loss(inputs)
+        captures = self._forward_results.pop("policy_captures", None)
+        if captures is None:
+            raise MoEGRPOError("TRL's loss ran no policy forward through `_get_per_token_logps_and_entropies`.")
+        return self.args.token_loss_coef * token_loss + self._routing_loss(inputs, captures)
 
-    def _gate_mask(self, routes: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-        """`[batch, tokens]` bool: the positions whose recorded routing Gate-GRPO trains."""
-        mask = (routes[..., 0, 0] >= 0) & attention_mask.bool()
+    @staticmethod
+    def _balance_mask(routes: torch.Tensor, prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """`[batch, tokens]` bool: the tokens the balance loss counts, non-padding with a recorded route."""
+        return (routes[..., 0, 0] >= 0) & torch.cat([prompt_mask, completion_mask], dim=1).bool()
+
+    def _gate_mask(self, routes: torch.Tensor, prompt_mask: torch.Tensor, completion_mask: torch.Tensor):
+        """`[batch, tokens]` bool: the positions whose recorded routing Gate-GRPO trains.
+
+        Rows whose completion mask is all zero are left out entirely: TRL zeroes a truncated rollout's completion mask
+        under `mask_truncated_completions` (a completion always has at least one token otherwise), and the prompt's
+        routing must not be trained with that rollout's advantage either.
+        """
+        mask = self._balance_mask(routes, prompt_mask, completion_mask)
+        mask &= completion_mask.bool().any(dim=1, keepdim=True)
         if self.args.gate_loss_positions == "completion":
-            mask[:, :prompt_width] = False
+            mask[:, : prompt_mask.size(1)] = False
         return mask
 
     def _selection_log_probs(self, captures: list[LayerCapture], modality: torch.Tensor | None) -> torch.Tensor:
@@ -293,16 +421,16 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         set_lp = set_log_prob(log_probs, recorded, self.args.gate_set_logprob)  # [layers, rows]
         return set_lp.t().reshape(*input_ids.shape, -1)
 
-    def _routing_loss(self, inputs: dict[str, Any]) -> torch.Tensor:
+    def _routing_loss(self, inputs: dict[str, Any], captures: list[LayerCapture]) -> torch.Tensor:
+        """Gate-GRPO plus the balance loss, from `captures`: what the training forward of `inputs` captured."""
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         routes = inputs["routed_experts"]
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         prompt_width = inputs["prompt_ids"].size(1)
-        captures = self.routing.captures()
         log_probs = self._selection_log_probs(captures, self.routing.token_modality(input_ids).reshape(-1))
-        gate_mask = self._gate_mask(routes, attention_mask, prompt_width)
+        gate_mask = self._gate_mask(routes, inputs["prompt_mask"], inputs["completion_mask"])
         loss = torch.zeros((), device=input_ids.device)
 
         if self.args.gate_loss_coef > 0:
@@ -337,12 +465,19 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             )
             self._log_masked_mean(mode, "gate/clip_ratio", clipped.float().mean(-1), gate_mask)
 
-        flat_mask = attention_mask.reshape(-1)
         dispatched = torch.stack([c.dispatched for c in captures])
         if self.balance_loss_coef:
-            balance = routed_load_balancing_loss(log_probs.exp(), dispatched, flat_mask, self.routing.num_experts)
-            loss = loss + self.balance_loss_coef * balance / accumulation
-            self._log_mean(mode, "routing/balance_loss", balance.detach())
+            counted = self._balance_mask(routes, inputs["prompt_mask"], inputs["completion_mask"]).reshape(-1)
+            # The expert load of the whole generation batch, fixed: the loss is linear in this micro-batch's tokens,
+            # so micro-batches add up to the loss of their accumulation window (normalized like TRL's `dapo`).
+            balance_sum = balance_loss_given_load(
+                log_probs.exp(), counted, inputs["expert_load"][0], self.routing.num_experts
+            )
+            normalizer = inputs["num_balance_tokens_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * accumulation / self.args.steps_per_generation
+            loss = loss + self.balance_loss_coef * balance_sum / normalizer
+            self._log_mean(mode, "routing/balance_loss", balance_sum.detach() / counted.sum().clamp(min=1))
 
         self._log_routing_metrics(mode, captures, log_probs.detach(), dispatched, attention_mask, gate_mask)
         return loss

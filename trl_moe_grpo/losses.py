@@ -122,6 +122,47 @@ def reduce_like_trl(
     raise ValueError(f"Gate-GRPO has no normalization for loss_type={loss_type!r}; supported: {GATE_LOSS_TYPES}.")
 
 
+def expert_load(
+    dispatched: torch.Tensor, token_mask: torch.Tensor, num_experts: int, active: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`[layers, num_experts]` number of routed slots each expert got, over the tokens where `token_mask` is 1.
+
+    Args:
+        dispatched (`torch.Tensor`): `[layers, rows, top_k]` expert ids the tokens were dispatched to. Ids of masked
+            rows are never read (they may be `-1`).
+        token_mask (`torch.Tensor`): `[rows]` 1 for tokens that count.
+        num_experts (`int`): N.
+        active (`torch.Tensor`, *optional*): `[layers, rows, top_k]` bool, the slots that carry weight (`None`: all).
+    """
+    weight = token_mask.bool()
+    load = torch.zeros(dispatched.shape[0], num_experts, device=dispatched.device)
+    for layer in range(dispatched.shape[0]):  # one layer at a time: a trace can be large
+        ids = dispatched[layer][weight].long()
+        slots = torch.ones_like(ids, dtype=load.dtype) if active is None else active[layer][weight].to(load.dtype)
+        load[layer].scatter_add_(0, ids.reshape(-1), slots.reshape(-1))
+    return load
+
+
+def balance_loss_given_load(
+    probs: torch.Tensor, token_mask: torch.Tensor, load_fraction: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Sum over the unmasked tokens of their share of the Switch loss, for a fixed expert load.
+
+    `N * mean over layers of sum_e f_e * sum_t p_t,e`: divided by the number of tokens the load `f` was counted over,
+    this is the Switch loss `N sum_e f_e P_e`. `f` carries no gradient (it counts discrete choices), so the loss is
+    linear in the tokens: the loss of a batch is the sum of its parts' losses when every part uses the batch's `f`.
+
+    Args:
+        probs (`torch.Tensor`): `[layers, rows, num_experts]` selection probabilities.
+        token_mask (`torch.Tensor`): `[rows]` 1 for tokens that count.
+        load_fraction (`torch.Tensor`): `[layers, num_experts]` routed slots per token of each expert (sums to top_k
+            per layer when every slot counts).
+        num_experts (`int`): N.
+    """
+    prob_sum = (probs * token_mask.to(probs.dtype)[None, :, None]).sum(1)  # [layers, N]
+    return num_experts * (load_fraction.to(probs.dtype) * prob_sum).sum(-1).mean()
+
+
 def routed_load_balancing_loss(
     probs: torch.Tensor,
     dispatched: torch.Tensor,
@@ -134,7 +175,8 @@ def routed_load_balancing_loss(
     Per layer `N * sum_e f_e * P_e`, with `f_e` the number of routed slots that went to expert `e` per token and `P_e`
     the mean selection probability of `e`, over the unmasked tokens; averaged over layers. At a perfectly balanced
     router it equals `top_k`, the scale of transformers' `load_balancing_loss_func`, so the models'
-    `router_aux_loss_coef` keeps its meaning.
+    `router_aux_loss_coef` keeps its meaning. (transformers pools the layers' loads and probabilities before the
+    product; with one MoE layer and top-K dispatch the two are equal.)
 
     Args:
         probs (`torch.Tensor`): `[layers, rows, num_experts]` selection probabilities.
@@ -145,11 +187,6 @@ def routed_load_balancing_loss(
             routing gives some tokens fewer than top_k experts; their free slots hold placeholder ids with weight 0,
             which are no load. `None`: every slot counts.
     """
-    weight = token_mask.to(probs.dtype)
-    count = weight.sum().clamp(min=1.0)
-    load = torch.ones_like(dispatched, dtype=probs.dtype) if active is None else active.to(probs.dtype)
-    slots = torch.zeros(*dispatched.shape[:2], num_experts, device=probs.device, dtype=probs.dtype)
-    slots.scatter_add_(-1, dispatched.long(), load)
-    fraction = (slots * weight[None, :, None]).sum(1) / count  # [layers, N], sums to top_k when every slot counts
-    mean_prob = (probs * weight[None, :, None]).sum(1) / count  # [layers, N]
-    return (num_experts * (fraction * mean_prob).sum(-1)).mean()
+    count = token_mask.to(probs.dtype).sum().clamp(min=1.0)
+    fraction = expert_load(dispatched, token_mask, num_experts, active).to(probs.dtype) / count
+    return balance_loss_given_load(probs, token_mask, fraction, num_experts) / count

@@ -47,7 +47,7 @@ from .errors import MoEGRPOError
 from .losses import routed_load_balancing_loss
 from .routing import RoutingController, find_routers
 from .routing.controller import TRAINING_ROUTINGS, TrainingCapture, TrainingRoutes
-from .trainer_common import MoETrainerMixin
+from .trainer_common import MoETrainerMixin, user_router_logits_flag
 
 logger = logging.get_logger(__name__)
 
@@ -234,10 +234,12 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
         if not isinstance(model, str):
             # Before TRL's checks, so a dense model gets the same explanation as in MoEGRPOTrainer.
             find_routers(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        # TRL's SFTTrainer rewrites `output_router_logits` to match its aux loss: saved models keep the user's value.
+        users_flag = user_router_logits_flag(model, args)
         super().__init__(model, args, *pargs, **kwargs)
 
         self.routing = RoutingController(self.routing_model)
-        self._take_over_balance_loss(self.routing_model)
+        self._take_over_balance_loss(self.routing_model, policy_flag=users_flag)
         self._step_routes: TrainingRoutes | None = None  # the routing context of the running training step
 
     def _save(self, output_dir: str | None = None, state_dict=None):

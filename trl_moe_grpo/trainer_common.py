@@ -2,10 +2,109 @@
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import copy
+import re
+from collections.abc import Iterator
+from typing import Any
 
+import torch
+from transformers.utils import logging
+
+from .errors import MoEGRPOError
 from .optim import set_router_learning_rate
-from .routing import RoutingController
+from .routing import RoutingController, find_routers
+
+logger = logging.get_logger(__name__)
+
+
+def user_router_logits_flag(model: Any, args: Any) -> bool | None:
+    """The `output_router_logits` the user's model comes with, read before a TRL trainer may change it.
+
+    TRL's `SFTTrainer` rewrites the flag to match its auxiliary loss; the MoE trainers switch it off. What they save
+    keeps this value. `model` is a model or a model id / path (whose config is then read, as TRL will load it).
+    """
+    if not isinstance(model, str):
+        return getattr(model.config.get_text_config(), "output_router_logits", None)
+    init_kwargs = args.model_init_kwargs or {}
+    if "output_router_logits" in init_kwargs:
+        return init_kwargs["output_router_logits"]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        model,
+        revision=init_kwargs.get("revision"),
+        trust_remote_code=init_kwargs.get("trust_remote_code", args.trust_remote_code),
+    )
+    return getattr(config.get_text_config(), "output_router_logits", None)
+
+
+def _strip_base_layers(name: str) -> str:
+    """A router's name without the `.base_layer` segments PEFT adds when it wraps the router."""
+    return re.sub(r"(\.base_layer)+$", "", name)
+
+
+def router_weight_names(model: Any, args: Any) -> list[str]:
+    """Names of the routers' weight parameters in `model`, a model or a model id / path.
+
+    For a model id the model is built on the meta device from its config (nothing is loaded), to find the routers by
+    class as the routing controller will.
+    """
+    if isinstance(model, str):
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        init_kwargs = args.model_init_kwargs or {}
+        config = AutoConfig.from_pretrained(
+            model,
+            revision=init_kwargs.get("revision"),
+            trust_remote_code=init_kwargs.get("trust_remote_code", args.trust_remote_code),
+        )
+        architectures = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else None
+        with torch.device("meta"):
+            model = (
+                model_class._from_config(config)
+                if model_class is not None
+                else AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+            )
+    return [f"{name}.weight" for name, _, _ in find_routers(model)]
+
+
+def peft_config_training_routers(peft_config: Any, model: Any, args: Any) -> Any:
+    """`peft_config` extended so the adapter trains the MoE routers, which LoRA's `target_modules` cannot reach.
+
+    transformers' routers are not `nn.Linear` layers: LoRA's `target_modules` skips them, and PEFT's `modules_to_save`
+    would put a second copy of each router next to the original, which the routing controller cannot tell apart. The
+    routers' weights are therefore added to `target_parameters`: each router gets a LoRA update of the adapter's rank
+    (zero at start, so the reference model is the base model), saved with the adapter. Returns a copy; `peft_config`
+    is not changed. Non-LoRA configs are returned as they are (the trainer then checks that some router is trainable).
+    """
+    from peft import LoraConfig
+
+    if not isinstance(peft_config, LoraConfig):
+        return peft_config
+    routers = router_weight_names(model, args)
+    module_names = {name.removesuffix(".weight") for name in routers}
+    suffixes = {name.rsplit(".", 1)[-1] for name in module_names}
+    to_save = set(peft_config.modules_to_save or [])
+    if any(entry in suffixes or entry in module_names for entry in to_save):
+        raise MoEGRPOError(
+            f"`modules_to_save={sorted(to_save)}` lists the MoE routers: PEFT would keep a second copy of each "
+            "router, which the routing controller cannot tell apart from the original. Leave the routers out of "
+            "`modules_to_save`; the trainer trains them with a LoRA on their weights (`target_parameters`)."
+        )
+    targeted = list(peft_config.target_parameters or [])
+    added = [name for name in routers if not any(name == t or name.endswith(f".{t}") for t in targeted)]
+    if not added:
+        return peft_config
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.target_parameters = targeted + added
+    logger.warning(
+        f"The LoRA adapter also trains the MoE routers: their {len(added)} weights were added to the LoRA config's "
+        f"`target_parameters` (a rank-{peft_config.r} update each), since LoRA's `target_modules` cannot reach them."
+    )
+    return peft_config
 
 
 class MoETrainerMixin:
@@ -19,24 +118,54 @@ class MoETrainerMixin:
         """The model the routing controller is installed on (the base model under PEFT)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    def router_trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters that move the routers: their own weights, or under PEFT the adapter on them."""
+        prefixes = tuple(f"{_strip_base_layers(name)}." for name in self.routing.layer_names)
+        return [p for n, p in self.routing_model.named_parameters() if p.requires_grad and n.startswith(prefixes)]
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.args.router_learning_rate is not None:
-            set_router_learning_rate(optimizer, self.routing.router_parameters(), self.args.router_learning_rate)
+            set_router_learning_rate(optimizer, self.router_trainable_parameters(), self.args.router_learning_rate)
         return optimizer
 
-    def _take_over_balance_loss(self, *models) -> None:
+    def _take_over_balance_loss(self, policy, *others, policy_flag: bool | None = None) -> None:
         """Compute the load-balancing loss ourselves, on the experts the tokens were dispatched to.
 
         TRL's own MoE auxiliary loss (`aux_loss_enabled`) scores a fresh top-K of the logits instead of the routes
         taken and, for vision-language models, crashes on outputs without `router_logits` (TRL 1.16). Its coefficient
         as TRL resolved it (the config's, else the model's) is kept as `balance_loss_coef`.
+
+        The models' `output_router_logits` is switched off while training; `policy_flag` (default: the policy's
+        current value) is what `_save` writes into the saved config, so a saved model keeps the user's setting.
         """
         self.balance_loss_coef = float(self.router_aux_loss_coef or 0.0)
         self.aux_loss_enabled = False
-        for model in models:
-            if model is not None and hasattr(model.config.get_text_config(), "output_router_logits"):
-                model.config.get_text_config().output_router_logits = False
+        self._saved_router_logits: list[tuple[Any, bool]] = []
+        for model in (policy, *others):
+            config = None if model is None else model.config.get_text_config()
+            if config is None or not hasattr(config, "output_router_logits"):
+                continue
+            if model is policy:
+                value = config.output_router_logits if policy_flag is None else policy_flag
+                self._saved_router_logits.append((config, value))
+            config.output_router_logits = False
+
+    @contextlib.contextmanager
+    def _users_router_logits_flag(self) -> Iterator[None]:
+        """The user's `output_router_logits` in the policy's config while open (for saving), off again after."""
+        saved = getattr(self, "_saved_router_logits", [])
+        for config, value in saved:
+            config.output_router_logits = value
+        try:
+            yield
+        finally:
+            for config, _ in saved:
+                config.output_router_logits = False
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        with self._users_router_logits_flag():
+            super()._save(output_dir, state_dict)
 
     def _log_mean(self, mode: str, name: str, value: torch.Tensor) -> None:
         self._metrics[mode][name].append(self.accelerator.gather(value.detach().reshape(1)).float().mean().item())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from .base import Command
 
@@ -45,16 +44,6 @@ class AnalyzeRoutingCommand(Command):
         parser.add_argument("--trust-remote-code", action="store_true", help="allow the models' own code to run")
 
     def run(self, args: argparse.Namespace) -> int:
-        from ..errors import MoEGRPOError
-
-        try:
-            return self._run(args)
-        except MoEGRPOError as error:
-            message = " ".join(str(error).split())
-            print(f"trl-moe-grpo {self.name}: error: {message}", file=sys.stderr)
-            return 2
-
-    def _run(self, args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from ..errors import MoEGRPOError

@@ -46,13 +46,7 @@ class TrainCommand(Command):
         from accelerate.commands.launch import launch_command, launch_command_parser
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-        from ..errors import MoEGRPOError
-
-        try:
-            launch_argv = self.launch_arguments(args.argv)
-        except MoEGRPOError as error:
-            print(f"trl-moe-grpo {self.name}: error: {' '.join(str(error).split())}", file=sys.stderr)
-            return 2
+        launch_argv = self.launch_arguments(args.argv)  # a `MoEGRPOError` here is reported by `cli.main`
         try:
             launch_command(launch_command_parser().parse_args(launch_argv))
         except subprocess.CalledProcessError as error:  # a failed run, from the single-process launcher

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .base import Command
 
@@ -32,7 +31,9 @@ class UpcycleCommand(Command):
         parser.add_argument("--drop-ratio", type=float, default=0.5, help="share of neurons `drop` re-initializes")
         parser.add_argument("--router-std", type=float, default=0.02, help="std of the random router weights")
         parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-        parser.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB or 500MB")
+        parser.add_argument(
+            "--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default: 5GB)"
+        )
         parser.add_argument("--overwrite", action="store_true", help="replace a model already in --output")
         parser.add_argument(
             "--dry-run", action="store_true", help="only print total and active parameters (meta device, no memory)"
@@ -42,31 +43,27 @@ class UpcycleCommand(Command):
         from ..errors import MoEGRPOError
         from ..upcycle import parameter_report, upcycle
 
-        try:
-            if args.dry_run:
-                report = parameter_report(args.source, args.num_experts, args.top_k, preset=args.preset)
-                print(report.format_table())
-                return 0
-            if args.preset is not None:
-                raise MoEGRPOError("A preset holds a config, no weights: use it with --dry-run, or pass SOURCE.")
-            if args.source is None or args.output is None:
-                raise MoEGRPOError("Pass SOURCE and --output DIR (or --dry-run to only count parameters).")
-            result = upcycle(
-                args.source,
-                args.output,
-                args.num_experts,
-                args.top_k,
-                init=args.init,
-                noise_std=args.noise_std,
-                drop_ratio=args.drop_ratio,
-                router_std=args.router_std,
-                seed=args.seed,
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-            )
-        except MoEGRPOError as error:
-            print(f"trl-moe-grpo upcycle: error: {error}", file=sys.stderr)
-            return 2
+        if args.dry_run:
+            report = parameter_report(args.source, args.num_experts, args.top_k, preset=args.preset)
+            print(report.format_table())
+            return 0
+        if args.preset is not None:
+            raise MoEGRPOError("A preset holds a config, no weights: use it with --dry-run, or pass SOURCE.")
+        if args.source is None or args.output is None:
+            raise MoEGRPOError("Pass SOURCE and --output DIR (or --dry-run to only count parameters).")
+        result = upcycle(
+            args.source,
+            args.output,
+            args.num_experts,
+            args.top_k,
+            init=args.init,
+            noise_std=args.noise_std,
+            drop_ratio=args.drop_ratio,
+            router_std=args.router_std,
+            seed=args.seed,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
         print(result.report.format_table())
         print(
             f"\n{result.conversion}: wrote {len(result.shards)} shard(s), {result.output_bytes / 1e9:.3f} GB "

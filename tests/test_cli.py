@@ -1,0 +1,77 @@
+"""`trl-moe-grpo <command>`: every command reports a fixable error the same way, one line and exit code 2."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from trl_moe_grpo.cli import COMMAND_PATHS, build_commands, main, make_parser
+
+TINY_RECIPE = """\
+model_name_or_path: some/model
+dataset_name: some/dataset
+output_dir: {output_dir}
+use_cpu: true
+bf16: false
+report_to: none
+"""
+
+
+def recipe(tmp_path) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TINY_RECIPE.format(output_dir=tmp_path / "out"))
+    return str(path)
+
+
+# One failing invocation per command: (argv builder, a fragment of the fix its message names).
+FAILURES = {
+    "train": (lambda tmp: ["train", "--config", recipe(tmp), "--learning_rat", "1e-4"], "--learning_rat"),
+    "calibrate": (
+        lambda tmp: ["calibrate", "m", "--dataset", "d", "--mask-ratio", "1.5", "--output", str(tmp / "s.json")],
+        "--mask-ratio must be in [0, 1)",
+    ),
+    "analyze": (lambda tmp: ["analyze", str(tmp / "missing.json")], "Cannot read modality statistics"),
+    "analyze-routing": (
+        lambda tmp: ["analyze-routing", "m", "--dataset", "visual_mc", "--num-samples", "0"],
+        "--num-samples and --batch-size must be at least 1",
+    ),
+    "upcycle": (lambda tmp: ["upcycle", "--preset", "nope", "--dry-run"], "internvl3_5-1b"),
+}
+
+
+def test_every_command_has_an_error_case():
+    assert {command.name for command in build_commands()} == set(FAILURES)
+    assert len(COMMAND_PATHS) == len(FAILURES)
+
+
+@pytest.mark.parametrize("command", sorted(FAILURES))
+def test_errors_are_one_line_with_exit_code_2(command, tmp_path, capsys):
+    argv, fragment = FAILURES[command]
+    assert main(argv(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    reported = [line for line in err.splitlines() if line.startswith("trl-moe-grpo ")]
+    assert len(reported) == 1, err
+    assert reported[0].startswith(f"trl-moe-grpo {command}: error: ") and fragment in reported[0]
+
+
+def test_analyze_reads_a_statistics_file(tmp_path, capsys):
+    """The happy path still prints (the error handling wraps the command, it does not swallow output)."""
+    import torch
+
+    from trl_moe_grpo.guidance import ModalityStatistics
+
+    counts = torch.tensor([[[3, 1, 0, 0], [0, 0, 2, 2]]] * 2)  # [layers, modality, experts]
+    model = {"architecture": "X", "num_layers": 2, "num_experts": 4, "top_k": 2, "router_layers": ["a", "b"]}
+    path = tmp_path / "stats.json"
+    ModalityStatistics(counts=counts, model=model, num_samples=2).save(path, 0.25)
+    assert main(["analyze", str(path)]) == 0
+    assert "layer" in capsys.readouterr().out.lower()
+
+
+def test_max_shard_size_default_is_the_apis():
+    from trl_moe_grpo.upcycle import upcycle
+
+    args = make_parser(build_commands()).parse_args(["upcycle", "source", "--output", "out"])
+    assert args.max_shard_size == inspect.signature(upcycle).parameters["max_shard_size"].default == "5GB"
