@@ -8,13 +8,7 @@ The same as `trl-moe-grpo train --config recipes/quickstart.yaml`; `trl_moe_grpo
 keys (`--help` lists them).
 """
 
-from trl_moe_grpo import MoEGRPOError
-from trl_moe_grpo.scripts.grpo import main, make_parser
+from trl_moe_grpo.scripts.grpo import run_from_command_line
 
 if __name__ == "__main__":
-    parser = make_parser()
-    try:
-        script_args, training_args, model_args = parser.parse_args_and_config()
-        main(script_args, training_args, model_args)
-    except MoEGRPOError as error:
-        parser.exit(2, f"error: {error}\n")
+    run_from_command_line()

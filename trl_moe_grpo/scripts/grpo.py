@@ -403,10 +403,18 @@ def main(script_args: GRPOScriptArguments, training_args: MoEGRPOConfig, model_a
     return report
 
 
-if __name__ == "__main__":
+def run_from_command_line() -> None:
+    """Train from the command line's recipe and flags; a `MoEGRPOError` exits with code 2 and its one-line message."""
     parser = make_parser()
     try:
         script_args, training_args, model_args = parser.parse_args_and_config()
+    except ValueError as error:  # ours, or a value TRL or transformers refuse (their messages name the fix)
+        parser.exit(2, f"error: {error}\n")
+    try:
         main(script_args, training_args, model_args)
     except MoEGRPOError as error:
         parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    run_from_command_line()
