@@ -398,7 +398,9 @@ def main(script_args: GRPOScriptArguments, training_args: MoEGRPOConfig, model_a
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
 
-    # Finish the trackers and destroy the process group.
+    # Finish the trackers and destroy the process group, all processes together: a rank that tears the group down
+    # while another still writes the report made the other abort under DeepSpeed on CPU.
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
     return report
 
