@@ -41,7 +41,7 @@ from .guidance import ModalityStatistics, calibrate, vision_token_ids
 from .losses import balance_loss_given_load, clipped_objective, expert_load, reduce_like_trl, set_log_prob
 from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
-from .trainer_common import MoETrainerMixin, peft_config_training_routers
+from .trainer_common import MoETrainerMixin, peft_config_training_routers, resolve_args
 from .zero3 import gathered_parameters
 
 logger = logging.get_logger(__name__)
@@ -115,20 +115,13 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
     }
 
     def __init__(self, model, reward_funcs=None, args: MoEGRPOConfig | None = None, *pargs, **kwargs):
-        if args is not None and not isinstance(args, MoEGRPOConfig):
-            raise MoEGRPOError(
-                f"MoEGRPOTrainer needs an `MoEGRPOConfig`, got `{type(args).__name__}`. Build one with the same "
-                "arguments: `MoEGRPOConfig(**your_args.to_dict())` keeps every GRPO option."
-            )
+        args = resolve_args(model, args, MoEGRPOConfig, "MoEGRPOTrainer", "MoE-GRPO")
         for unsupported in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(unsupported) is not None:
                 raise MoEGRPOError(
                     f"`{unsupported}` is not supported by MoEGRPOTrainer yet: multi-turn and custom rollouts bypass "
                     "the routing trace of each generated token. Use single-turn prompts."
                 )
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-            args = MoEGRPOConfig(f"{str(name).split('/')[-1]}-MoE-GRPO")
         if kwargs.get("peft_config") is not None:
             kwargs["peft_config"] = peft_config_training_routers(kwargs["peft_config"], model, args)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)

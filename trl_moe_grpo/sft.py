@@ -47,7 +47,7 @@ from .errors import MoEGRPOError
 from .losses import routed_load_balancing_loss
 from .routing import RoutingController, find_routers
 from .routing.controller import TRAINING_ROUTINGS, TrainingCapture, TrainingRoutes
-from .trainer_common import MoETrainerMixin, user_router_logits_flag
+from .trainer_common import MoETrainerMixin, resolve_args, user_router_logits_flag
 
 logger = logging.get_logger(__name__)
 
@@ -223,14 +223,7 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
     _name = "MoE-SFT"
 
     def __init__(self, model, args: MoESFTConfig | None = None, *pargs, **kwargs):
-        if args is not None and not isinstance(args, MoESFTConfig):
-            raise MoEGRPOError(
-                f"MoESFTTrainer needs an `MoESFTConfig`, got `{type(args).__name__}`. Build one with the same "
-                "arguments: `MoESFTConfig(**your_args.to_dict())` keeps every SFT option."
-            )
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-            args = MoESFTConfig(f"{str(name).split('/')[-1]}-MoE-SFT")
+        args = resolve_args(model, args, MoESFTConfig, "MoESFTTrainer", "MoE-SFT")
         if not isinstance(model, str):
             # Before TRL's checks, so a dense model gets the same explanation as in MoEGRPOTrainer.
             find_routers(model.get_base_model() if hasattr(model, "get_base_model") else model)

@@ -39,6 +39,20 @@ def user_router_logits_flag(model: Any, args: Any) -> bool | None:
     return getattr(config.get_text_config(), "output_router_logits", None)
 
 
+def resolve_args(model: Any, args: Any, config_class: type, trainer_name: str, suffix: str) -> Any:
+    """`args` checked to be a `config_class`, or a default one named after the model (`<model>-<suffix>`)."""
+    if args is not None and not isinstance(args, config_class):
+        name = config_class.__name__
+        raise MoEGRPOError(
+            f"{trainer_name} needs an `{name}`, got `{type(args).__name__}`. Build one with the same arguments: "
+            f"`{name}(**your_args.to_dict())` keeps every option."
+        )
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+        args = config_class(f"{str(name).split('/')[-1]}-{suffix}")
+    return args
+
+
 def _strip_base_layers(name: str) -> str:
     """A router's name without the `.base_layer` segments PEFT adds when it wraps the router."""
     return re.sub(r"(\.base_layer)+$", "", name)

@@ -108,20 +108,11 @@ def _render_motion(direction: str, rng: random.Random) -> list[Image.Image]:
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
     # Start where the whole path stays inside the frame; the other coordinate is free.
     low, high = r + 2, s - r - 3
-    x = (
-        rng.randint(low + travel, high)
-        if dx < 0
-        else rng.randint(low, high - travel)
-        if dx > 0
-        else rng.randint(low, high)
-    )
-    y = (
-        rng.randint(low + travel, high)
-        if dy < 0
-        else rng.randint(low, high - travel)
-        if dy > 0
-        else rng.randint(low, high)
-    )
+
+    def start(step: int) -> int:
+        return rng.randint(low + travel * (step < 0), high - travel * (step > 0))
+
+    x, y = start(dx), start(dy)
     frames = []
     for t in range(NUM_FRAMES):
         frame = Image.new("RGB", (s, s), BACKGROUND)
