@@ -159,7 +159,7 @@ def exact_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
 
 def resolve_reward(name: str) -> Callable:
     if name == "choice":
-        from trl_moe_grpo.visual_mc import accuracy_reward
+        from trl_moe_grpo.demo.visual_mc import accuracy_reward
 
         return accuracy_reward
     if name == "exact":

@@ -43,8 +43,8 @@ def _run(name: str, options: dict | None, args: argparse.Namespace, queue: mp.Qu
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_moe_grpo import MoEGRPOConfig, MoEGRPOTrainer
-    from trl_moe_grpo.tasks import accuracy_reward, digit_sum_dataset
-    from trl_moe_grpo.tiny import build_char_tokenizer, tiny_moe_config, tiny_moe_model
+    from trl_moe_grpo.demo.digit_sum import accuracy_reward, digit_sum_dataset
+    from trl_moe_grpo.testing import build_char_tokenizer, tiny_moe_config, tiny_moe_model
 
     cuda = torch.cuda.is_available()
     config = tiny_moe_config(

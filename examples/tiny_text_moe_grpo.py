@@ -16,8 +16,8 @@ import time
 import torch
 
 from trl_moe_grpo import MoEGRPOConfig, MoEGRPOTrainer
-from trl_moe_grpo.tasks import accuracy_reward, digit_sum_dataset
-from trl_moe_grpo.tiny import build_char_tokenizer, tiny_moe_model
+from trl_moe_grpo.demo.digit_sum import accuracy_reward, digit_sum_dataset
+from trl_moe_grpo.testing import build_char_tokenizer, tiny_moe_model
 
 
 def make_parser() -> argparse.ArgumentParser:

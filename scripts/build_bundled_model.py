@@ -38,12 +38,12 @@ from pathlib import Path
 
 import torch
 
+from trl_moe_grpo.demo.visual_mc import TASKS, accuracy_reward, parse_choice, visual_mc_rows
 from trl_moe_grpo.evaluation import evaluate_accuracy
 from trl_moe_grpo.guidance import calibration_batches, encode_conversations
 from trl_moe_grpo.routing import RoutingController
-from trl_moe_grpo.tiny import build_tiny_internvl_processor
+from trl_moe_grpo.testing import build_tiny_internvl_processor
 from trl_moe_grpo.upcycle import ExpertInit, upcycle
-from trl_moe_grpo.visual_mc import TASKS, accuracy_reward, parse_choice, visual_mc_rows
 
 IMAGE_SIZE, PATCH_SIZE = 56, 7
 IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH_SIZE) ** 2 // 4  # pixel shuffle by 0.5 in each direction: 16 tokens

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from trl_moe_grpo import MoEGRPOConfig
-from trl_moe_grpo.tasks import digit_sum_dataset
-from trl_moe_grpo.tiny import build_char_tokenizer
+from trl_moe_grpo.demo.digit_sum import digit_sum_dataset
+from trl_moe_grpo.testing import build_char_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 
 from trl_moe_grpo import MoEGRPOError, RoutingController
 from trl_moe_grpo.routing import ROUTER_ADAPTERS, find_routers
-from trl_moe_grpo.tiny import tiny_dense_model, tiny_moe_model
+from trl_moe_grpo.testing import tiny_dense_model, tiny_moe_model
 
 # Family -> (router class, transformers module defining it).
 FAMILY_ROUTERS = {

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from trl_moe_grpo import MoEGRPOError, RoutingController
 from trl_moe_grpo.routing.assignment import expert_capacity, expert_choice, sinkhorn_log_scores, sinkhorn_top_k
-from trl_moe_grpo.tiny import tiny_moe_model
+from trl_moe_grpo.testing import tiny_moe_model
 
 LAYERS, TOP_K, EXPERTS = 2, 2, 8
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trl_moe_grpo.cli import main
-from trl_moe_grpo.tiny import build_char_tokenizer, tiny_dense_model
+from trl_moe_grpo.testing import build_char_tokenizer, tiny_dense_model
 
 
 def test_upcycle_command_converts_a_model(tmp_path, capsys):

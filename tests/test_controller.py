@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trl_moe_grpo import MoEGRPOError, RoutingController
-from trl_moe_grpo.tiny import tiny_moe_model
+from trl_moe_grpo.testing import tiny_moe_model
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3"]
 LAYERS, TOP_K, EXPERTS = 2, 2, 8

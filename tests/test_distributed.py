@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from accelerate.utils import is_deepspeed_available
 
-from trl_moe_grpo.visual_mc import TASKS
+from trl_moe_grpo.demo.visual_mc import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 300  # seconds; a launch takes ~15-25 s on 2 cores
@@ -36,10 +36,10 @@ needs_deepspeed = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny InternVL-MoE and its processor, saved, plus the modality statistics the recipe would calibrate."""
+    from trl_moe_grpo.demo.visual_mc import visual_mc_dataset
     from trl_moe_grpo.guidance import calibrate, vision_token_ids
     from trl_moe_grpo.routing import RoutingController
-    from trl_moe_grpo.tiny import build_tiny_internvl_processor, tiny_moe_internvl
-    from trl_moe_grpo.visual_mc import visual_mc_dataset
+    from trl_moe_grpo.testing import build_tiny_internvl_processor, tiny_moe_internvl
 
     folder = tmp_path_factory.mktemp("tiny-internvl-moe")
     model, processor = tiny_moe_internvl(seed=0), build_tiny_internvl_processor()

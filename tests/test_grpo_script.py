@@ -39,7 +39,7 @@ seed: 0
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Qwen3-MoE and the character tokenizer (with its chat template), saved as a user's model folder."""
-    from trl_moe_grpo.tiny import build_char_tokenizer, tiny_moe_model
+    from trl_moe_grpo.testing import build_char_tokenizer, tiny_moe_model
 
     folder = tmp_path_factory.mktemp("tiny-qwen3-moe")
     tiny_moe_model("qwen3_moe").save_pretrained(folder)

@@ -8,7 +8,7 @@ import torch
 from trl_moe_grpo import MoEGRPOError, RoutingController
 from trl_moe_grpo.guidance import ModalityStatistics, modality_masks
 from trl_moe_grpo.routing import TEXT, VISION
-from trl_moe_grpo.tiny import tiny_moe_model
+from trl_moe_grpo.testing import tiny_moe_model
 
 IDENTITY = {
     "architecture": "Qwen3MoeForCausalLM",

@@ -9,7 +9,7 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors import safe_open
 
 from trl_moe_grpo import MoEGRPOError, MoEGRPOTrainer
-from trl_moe_grpo.tiny import tiny_moe_model
+from trl_moe_grpo.testing import tiny_moe_model
 
 
 def group_rows(dataset, num_prompts: int, group: int) -> list[dict]:

@@ -1,6 +1,6 @@
 """Qwen3-VL-MoE through TRL's own multimodal path: processor, routing parity, replay fidelity, training.
 
-The tiny model and processor (`trl_moe_grpo.tiny`) are built locally: a 2-layer Qwen3-VL-MoE language model (8 experts,
+The tiny model and processor (`trl_moe_grpo.testing`) are built here: a 2-layer Qwen3-VL-MoE language model (8 experts,
 top-2) with interleaved multimodal rotary positions (M-RoPE) and DeepStack, a one-block vision tower, and a
 `Qwen3VLProcessor` that turns a 28x28 image into four `<|image_pad|>` tokens.
 """
@@ -17,7 +17,7 @@ from trl.trainer.utils import pad
 
 from trl_moe_grpo import MoEGRPOConfig, MoEGRPOTrainer, RoutingController
 from trl_moe_grpo.routing import pad_routes, split_rollout_routes
-from trl_moe_grpo.tiny import build_tiny_qwen3_vl_processor, tiny_moe_qwen3_vl
+from trl_moe_grpo.testing import build_tiny_qwen3_vl_processor, tiny_moe_qwen3_vl
 
 COLOURS = {"r": (220, 30, 30), "g": (30, 200, 30), "b": (30, 30, 220)}
 # Prompts of different lengths, so that left padding (and the M-RoPE positions behind it) is exercised.

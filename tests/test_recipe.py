@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from trl_moe_grpo import MoEGRPOError
+from trl_moe_grpo.demo.visual_mc import TASKS
 from trl_moe_grpo.scripts.grpo import make_parser
-from trl_moe_grpo.visual_mc import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 

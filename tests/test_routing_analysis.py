@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from trl_moe_grpo import MoEGRPOError, RoutingController, routing_analysis
 from trl_moe_grpo.cli import main
 from trl_moe_grpo.commands import analyze_routing as analyze_routing_command
+from trl_moe_grpo.demo.visual_mc import TASKS, visual_mc_dataset
 from trl_moe_grpo.guidance import calibration_batches
 from trl_moe_grpo.routing_analysis import (
     RoutingAnalysis,
@@ -33,8 +34,7 @@ from trl_moe_grpo.routing_analysis import (
     selection_counts,
     sequence_routing_entropy,
 )
-from trl_moe_grpo.tiny import build_tiny_internvl_processor, tiny_dense_internvl, tiny_moe_internvl
-from trl_moe_grpo.visual_mc import TASKS, visual_mc_dataset
+from trl_moe_grpo.testing import build_tiny_internvl_processor, tiny_dense_internvl, tiny_moe_internvl
 
 LN2 = math.log(2)
 

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from trl import SFTConfig, SFTTrainer
 
 from trl_moe_grpo import MoEGRPOError, MoESFTConfig, MoESFTTrainer
+from trl_moe_grpo.demo.visual_mc import visual_mc_rows
 from trl_moe_grpo.losses import routed_load_balancing_loss
 from trl_moe_grpo.sft import ROUTING_FILE, sft_rows_from_answers
-from trl_moe_grpo.tiny import build_tiny_internvl_processor, tiny_dense_model, tiny_moe_internvl, tiny_moe_model
-from trl_moe_grpo.visual_mc import visual_mc_rows
+from trl_moe_grpo.testing import build_tiny_internvl_processor, tiny_dense_model, tiny_moe_internvl, tiny_moe_model
 
 MODES = ["topk", "sample", "noise", "expert_choice", "sinkhorn"]
 

@@ -18,7 +18,7 @@ from trl.trainer.utils import pad, shuffle_sequence_dict, split_tensor_dict
 from trl_moe_grpo.errors import MoEGRPOError
 from trl_moe_grpo.routing.controller import RolloutRecording, RoutingController
 from trl_moe_grpo.routing.traces import pad_routes, split_rollout_routes
-from trl_moe_grpo.tiny import tiny_moe_model
+from trl_moe_grpo.testing import tiny_moe_model
 
 LAYERS, TOP_K = 2, 2
 PAD_ID = 0

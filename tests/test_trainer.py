@@ -9,7 +9,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from trl_moe_grpo import MoEGRPOConfig, MoEGRPOError, MoEGRPOTrainer
-from trl_moe_grpo.tiny import tiny_dense_model, tiny_moe_config, tiny_moe_model
+from trl_moe_grpo.testing import tiny_dense_model, tiny_moe_config, tiny_moe_model
 
 MOE_KEYS = (
     "routed_experts",

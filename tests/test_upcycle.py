@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from trl_moe_grpo import MoEGRPOError, RoutingController
-from trl_moe_grpo.tiny import (
+from trl_moe_grpo.testing import (
     VOCAB,
     build_char_tokenizer,
     build_tiny_internvl_processor,

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trl_moe_grpo.visual_mc import (
+from trl_moe_grpo.demo.visual_mc import (
     BACKGROUND,
     DIRECTIONS,
     IMAGE_SIZE,

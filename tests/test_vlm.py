@@ -13,7 +13,7 @@ from trl_moe_grpo import MoEGRPOError, MoEGRPOTrainer, RoutingController
 from trl_moe_grpo.cli import main as cli
 from trl_moe_grpo.guidance import ModalityStatistics
 from trl_moe_grpo.routing import pad_routes, split_rollout_routes
-from trl_moe_grpo.tiny import build_tiny_internvl_processor, tiny_moe_internvl, tiny_moe_model
+from trl_moe_grpo.testing import build_tiny_internvl_processor, tiny_moe_internvl, tiny_moe_model
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def load_model_and_processor(name_or_path: str, trust_remote_code: bool = False)
 
 
 def _visual_mc(num_train: int = 512, num_test: int = 128, seed: int = 0):
-    from .visual_mc import visual_mc_dataset
+    from .demo.visual_mc import visual_mc_dataset
 
     return visual_mc_dataset(num_train, num_test, seed)
 

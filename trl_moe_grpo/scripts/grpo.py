@@ -177,7 +177,7 @@ def reward_funcs_registry() -> dict[str, Callable]:
         think_format_reward,
     )
 
-    from trl_moe_grpo.visual_mc import accuracy_reward as visual_mc_accuracy
+    from trl_moe_grpo.demo.visual_mc import accuracy_reward as visual_mc_accuracy
 
     return {
         "accuracy_reward": accuracy_reward,

@@ -1,4 +1,4 @@
-"""Tiny MoE models and a character tokenizer built locally, for the examples, tests and benchmarks.
+"""Test fixtures: tiny MoE models and tokenizers built locally, for the tests, examples and benchmarks.
 
 Nothing here downloads anything: configs are written out, weights are random (seeded) and the tokenizer is built with
 `tokenizers` from a fixed alphabet.

@@ -1,0 +1,6 @@
+"""Demo material, not part of the method: generated data and their rewards for the quickstart, the examples, the
+tests and the benchmarks.
+
+- `visual_mc`: multi-task visual multiple-choice questions (images drawn on the fly) and their answer-letter reward.
+- `digit_sum`: a verifiable text task (the last digit of a sum) and its accuracy reward.
+"""
