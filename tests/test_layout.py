@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SKIPPED = {".git", ".venv", "build", "dist", "outputs", "runs", "__pycache__"}
+SKIPPED = {".git", ".venv", ".venv-vllm", "build", "dist", "outputs", "runs", "__pycache__"}
 
 
 def imported_top_level_names() -> set[str]:
