@@ -134,13 +134,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def load_splits(args: argparse.Namespace):
-    from trl_moe_grpo.loading import load_dataset_split
+    if args.dataset == "visual_mc":  # the demo's generated data, drawn here rather than read from a folder
+        from trl_moe_grpo.demo.visual_mc import visual_mc_dataset
 
-    options = {}
-    if args.dataset == "visual_mc":
-        options = {"num_train": args.num_train, "num_test": args.num_test, "seed": 0}
-    train = load_dataset_split(args.dataset, args.train_split, **options)
-    test = load_dataset_split(args.dataset, args.test_split, **options)
+        splits = visual_mc_dataset(args.num_train, args.num_test, seed=0)
+        train, test = splits["train"], splits["test"]
+    else:
+        from trl_moe_grpo.loading import load_dataset_split
+
+        train = load_dataset_split(args.dataset, args.train_split)
+        test = load_dataset_split(args.dataset, args.test_split)
     return train, [test[i] for i in range(min(args.num_test, len(test)))]
 
 

@@ -3,7 +3,7 @@
 The script builds everything itself (no download): a character tokenizer, a 2-layer Qwen3-MoE with 8 experts and top-2
 routing, and the `3+9=` -> `2` task. A short supervised warm start brings the model to partial accuracy (RL needs some
 successes to compare), then `MoEGRPOTrainer` trains with sampled routing, replay, Token-GRPO and Gate-GRPO on the
-accuracy reward. Accuracy is measured before and after with plain top-K routing and greedy decoding, as at inference.
+accuracy reward. Accuracy is `trainer.evaluate()` before and after: top-K routing and greedy decoding, as at inference.
 
     python examples/tiny_text_moe_grpo.py --max-steps 60
 """
@@ -47,16 +47,6 @@ def warm_start(model, tokenizer, dataset, steps: int, seed: int) -> None:
     model.eval()
 
 
-@torch.no_grad()
-def accuracy(model, tokenizer, dataset) -> float:
-    """Greedy decoding with the stock top-K routing, scored by the task's accuracy reward."""
-    tokenizer.padding_side = "left"
-    inputs = tokenizer(list(dataset["prompt"]), return_tensors="pt", padding=True)
-    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    completions = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return sum(accuracy_reward(completions, list(dataset["answer"]))) / len(completions)
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = make_parser().parse_args(argv)
     torch.manual_seed(args.seed)
@@ -65,7 +55,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = tiny_moe_model("qwen3_moe", seed=args.seed)
 
     warm_start(model, tokenizer, train, args.warmup_steps, args.seed)
-    before = accuracy(model, tokenizer, test)
 
     config = MoEGRPOConfig(
         output_dir=args.output_dir,
@@ -75,17 +64,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         num_generations=8,
         max_completion_length=3,
         logging_steps=10,
+        # Held-out accuracy as at inference: greedy decoding (`greedy_eval`), top-K routing, one answer per prompt.
+        num_generations_eval=1,
+        per_device_eval_batch_size=100,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         bf16=False,
         seed=args.seed,
     )
-    trainer = MoEGRPOTrainer(model, accuracy_reward, args=config, train_dataset=train, processing_class=tokenizer)
+    trainer = MoEGRPOTrainer(
+        model, accuracy_reward, args=config, train_dataset=train, eval_dataset=test, processing_class=tokenizer
+    )
+    before = trainer.evaluate()["eval_reward"]
     start = time.perf_counter()
     trainer.train()
     minutes = (time.perf_counter() - start) / 60
-    after = accuracy(trainer.model.eval(), tokenizer, test)
+    after = trainer.evaluate()["eval_reward"]
 
     logs = [log for log in trainer.state.log_history if "routing/entropy" in log]
     report = {

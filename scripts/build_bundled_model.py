@@ -40,7 +40,7 @@ import torch
 
 from trl_moe_grpo.demo.visual_mc import TASKS, accuracy_reward, parse_choice, visual_mc_rows
 from trl_moe_grpo.evaluation import evaluate_accuracy
-from trl_moe_grpo.guidance import calibration_batches, encode_conversations
+from trl_moe_grpo.prompts import calibration_batches, encode_conversations
 from trl_moe_grpo.routing import RoutingController
 from trl_moe_grpo.testing import build_tiny_internvl_processor
 from trl_moe_grpo.upcycle import ExpertInit, upcycle

@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/environment.sh
-pip_install -e .
+pip_install -e ".[plots]"
+python -m trl_moe_grpo.demo.visual_mc data/visual_mc
 python -m accelerate.commands.launch --num_processes 1 recipes/train.py --config recipes/quickstart.yaml "$@"

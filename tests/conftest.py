@@ -18,6 +18,17 @@ def dataset():
     return digit_sum_dataset(64, seed=0)
 
 
+@pytest.fixture(scope="session")
+def visual_mc_folder(tmp_path_factory):
+    """The quickstart's data, small (64 train, 16 test rows), written as `python -m trl_moe_grpo.demo.visual_mc`
+    writes it: a folder a recipe names as its `dataset_name`."""
+    from trl_moe_grpo.demo.visual_mc import main
+
+    folder = tmp_path_factory.mktemp("data") / "visual_mc"
+    main([str(folder), "--num_train", "64", "--num_test", "16"])
+    return folder
+
+
 def digit_share(completions, **kwargs):
     """A verifiable reward that differs whenever two completions differ in digits, so groups carry a signal."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]

@@ -45,6 +45,12 @@ def test_every_command_has_an_error_case():
     assert len(COMMAND_PATHS) == len(FAILURES)
 
 
+def test_train_without_a_recipe_says_so(capsys):
+    assert main(["train"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("trl-moe-grpo train: error: No recipe: pass `--config recipe.yaml`")
+
+
 @pytest.mark.parametrize("command", sorted(FAILURES))
 def test_errors_are_one_line_with_exit_code_2(command, tmp_path, capsys):
     argv, fragment = FAILURES[command]

@@ -117,6 +117,29 @@ def test_topk_rollout_records_stock_routes_without_changing_logits(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_capture_records_routes_and_selection_probabilities_without_changing_the_model(family):
+    """`capture()` only records: logits bit-identical to the stock model's, the router's own top-K, and each token's
+    selection distribution (the adapter's)."""
+    model, controller = build(family)
+    input_ids = random_ids(batch=2, length=5, seed=1)
+    stock = logits_of(model, input_ids)
+    with controller.capture() as recording:
+        assert torch.equal(logits_of(model, input_ids), stock)
+    assert controller.mode == "topk"
+    (routes,), (probs,) = recording.steps, recording.selection_probs
+    assert routes.shape == (2, 5, LAYERS, TOP_K) and probs.shape == (2, 5, LAYERS, EXPERTS)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 5, LAYERS))
+    _, captures = replay(model, controller, input_ids, routes.new_full(routes.shape, -1))
+    for layer, (adapter, capture) in enumerate(zip(controller.adapters, captures)):
+        assert torch.equal(capture.top_k, rows(routes, layer))
+        expected = adapter.selection_log_probs(capture.logits).exp()
+        torch.testing.assert_close(probs[:, :, layer].reshape(-1, EXPERTS), expected)
+    with controller.capture(selection_probs=False) as recording:
+        logits_of(model, input_ids)
+    assert recording.selection_probs is None and torch.equal(recording.steps[0], routes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sample_mode_draws_distinct_valid_experts(family):
     """Sampled routing changes the outputs and records `[B, S, L, K]` int16 ids, distinct per token, in range."""
     model, controller = build(family)

@@ -65,7 +65,7 @@ class LaunchFailed(AssertionError):
         self.output = output
 
 
-def launch(accelerate_config: str, model: Path, output_dir: Path, *flags: str) -> str:
+def launch(accelerate_config: str, model: Path, data: Path, output_dir: Path, *flags: str) -> str:
     """Run the quickstart recipe on 2 processes; return its output, or fail with the output's tail."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -74,7 +74,7 @@ def launch(accelerate_config: str, model: Path, output_dir: Path, *flags: str) -
         "recipes/train.py", "--config", "recipes/quickstart.yaml",
         "--model_name_or_path", str(model), "--output_dir", str(output_dir),
         "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true",
-        "--num_train_examples", "64", "--num_test_examples", "16", "--modality_calibration_samples", "16",
+        "--dataset_name", str(data), "--modality_calibration_samples", "16",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--write_run_info", "true",
         *flags,
     ]  # fmt: skip
@@ -123,13 +123,13 @@ def assert_two_ranks(info: dict, distributed_type: str, wrapper: str, zero_stage
     assert info["zero_stage"] == zero_stage, info
 
 
-def test_ddp_two_processes(tiny_model, tmp_path):
-    output = launch("multi_process.yaml", tiny_model, tmp_path)
+def test_ddp_two_processes(tiny_model, visual_mc_folder, tmp_path):
+    output = launch("multi_process.yaml", tiny_model, visual_mc_folder, tmp_path)
     assert_two_ranks(run_info(tmp_path, output), "MULTI_CPU", "DistributedDataParallel", None)
     assert_trained(output)
     report = json.loads((tmp_path / "report.json").read_text())
     for when in ("before", "after"):
-        accuracy = report["held_out_accuracy"][when]
+        accuracy = report["held_out_reward"][when]
         assert set(accuracy) == {"all", *TASKS}, accuracy
         assert all(0.0 <= value <= 1.0 for value in accuracy.values()), accuracy
         assert all(math.isfinite(v) and v > 0 for v in report["routing"][when].values()), report
@@ -137,20 +137,20 @@ def test_ddp_two_processes(tiny_model, tmp_path):
 
 
 @needs_deepspeed
-def test_deepspeed_zero2_two_processes(tiny_model, tmp_path):
+def test_deepspeed_zero2_two_processes(tiny_model, visual_mc_folder, tmp_path):
     # DeepSpeed from the accelerate config alone (its `deepspeed_config_file`), no `--deepspeed` training argument.
-    output = launch("deepspeed_zero2_cpu.yaml", tiny_model, tmp_path, "--report", "false")
+    output = launch("deepspeed_zero2_cpu.yaml", tiny_model, visual_mc_folder, tmp_path, "--report", "false")
     assert_two_ranks(run_info(tmp_path, output), "DEEPSPEED", "DeepSpeedEngine", 2)
     assert_trained(output)
 
 
 @needs_deepspeed
-def test_deepspeed_zero3_two_processes(tiny_model, tmp_path):
+def test_deepspeed_zero3_two_processes(tiny_model, visual_mc_folder, tmp_path):
     # The `--deepspeed` training-argument path (DeepSpeed's communication started before the partitioned load, by
     # recipes/train.py), with the report: its before/after measurements run on every rank, on the same rows. The
     # trainer calibrates its modality masks on parameters ZeRO-3 partitioned at load, gathering them for that pass.
     deepspeed_json = "recipes/accelerate_configs/deepspeed_zero3_cpu.json"
-    output = launch("deepspeed_zero3_cpu.yaml", tiny_model, tmp_path, "--deepspeed", deepspeed_json)
+    output = launch("deepspeed_zero3_cpu.yaml", tiny_model, visual_mc_folder, tmp_path, "--deepspeed", deepspeed_json)
     assert_two_ranks(run_info(tmp_path, output), "DEEPSPEED", "DeepSpeedEngine", 3)
     assert_trained(output)
     calibrated = json.loads((tmp_path / "modality_statistics.json").read_text())

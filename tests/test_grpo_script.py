@@ -162,39 +162,63 @@ def test_unknown_keys_and_flags_are_errors_that_name_them(tiny_model, tmp_path):
 
 def test_rewards_must_be_known_and_present(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model, write_jsonl(tmp_path / "data.jsonl", 8))
-    with pytest.raises(MoEGRPOError, match="Unknown reward function 'letter_accuracy'.*visual_mc_accuracy"):
+    with pytest.raises(MoEGRPOError, match="Unknown reward function 'letter_accuracy'.*think_format_reward"):
         train("--config", str(recipe), "--reward_funcs", "letter_accuracy")
     recipe.write_text(recipe.read_text().replace("reward_funcs: [think_format_reward]\n", ""))
     with pytest.raises(MoEGRPOError, match="No reward"):
         train("--config", str(recipe))
 
 
-def test_report_scores_with_the_weighted_sum_of_the_rewards():
-    """As TRL sums rewards: `reward_weights`, and a reward of `None` (not applicable to the row) adds nothing."""
-    from trl_moe_grpo.scripts.grpo import report_reward
-
-    def letter(completions, answer, **kwargs):
-        return [float(c == a) for c, a in zip(completions, answer)]
-
-    def short(completions, **kwargs):
-        return [None if c == "" else float(len(c) == 1) for c in completions]
-
-    completions, answer = ["A", "B", "", "AB"], ["A", "A", "A", "B"]
-    assert report_reward([letter], None)(completions, answer=answer) == [1.0, 0.0, 0.0, 0.0]
-    assert report_reward([letter, short], [1.0, 0.5])(completions, answer=answer) == [1.5, 0.5, 0.0, 0.0]
-    with pytest.raises(MoEGRPOError, match="reward models"):
-        report_reward(["a/reward-model", letter], None)
-
-
-def test_generated_dataset_options_only_apply_to_generated_datasets(tmp_path):
+def test_dataset_configuration_names_apply_to_load_dataset_only(tmp_path):
     from trl_moe_grpo.loading import load_dataset_split
 
     rows = write_jsonl(tmp_path / "rows.jsonl", 4)
-    with pytest.raises(MoEGRPOError, match=r"\['num_train'\] only apply to the generated datasets \['visual_mc'\]"):
-        load_dataset_split(str(rows), "train", num_train=8)
     with pytest.raises(MoEGRPOError, match="configuration name"):
         load_dataset_split(str(rows), "train", name="default")
     assert len(load_dataset_split(str(rows), "train")) == 4
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tensorboard's event files under `log_dir` hold: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return found
+
+
+def test_report_comes_from_the_trainers_evaluations_and_reaches_tensorboard(tiny_model, tmp_path, capsys):
+    """`report: true`: `trainer.evaluate()` at the start and at the last step; per-task rewards and the routing
+    measures are logged metrics (read back from tensorboard), and report.json holds the same numbers."""
+    folder = tmp_path / "data"
+    for split, rows, offset in (("train", 8, 0), ("test", 6, 100)):
+        path = write_jsonl(folder / f"{split}.jsonl", rows, offset)
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**row, "task": "ab"[i % 2]}) + "\n" for i, row in enumerate(lines)))
+    extra = "report: true\nper_device_eval_batch_size: 4\nnum_generations_eval: 2\n"
+    recipe = write_recipe(tmp_path, tiny_model, folder, extra)
+    report = train("--config", str(recipe), "--report_to", "tensorboard")
+    assert "held-out reward" in capsys.readouterr().out
+
+    logged_scalars = scalars(tmp_path / "out" / "runs")  # tensorboard's default folder
+    for tag in ("eval/reward", "eval/reward_by_task/a", "eval/reward_by_task/b", "eval/routing/task_jsd",
+                "eval/routing/sequence_routing_entropy", "eval/routing/mean_gate_entropy"):  # fmt: skip
+        assert [step for step, _ in logged_scalars[tag]] == [0, 2], tag  # before (eval_on_start) and after
+    before, after = (dict(zip(["step", "value"], point)) for point in logged_scalars["eval/reward_by_task/a"])
+    assert report["held_out_reward"]["before"]["a"] == pytest.approx(before["value"], abs=1e-6)
+    assert report["held_out_reward"]["after"]["a"] == pytest.approx(after["value"], abs=1e-6)
+    jsd = logged_scalars["eval/routing/task_jsd"][-1][1]
+    assert report["routing"]["after"]["task_jsd"] == pytest.approx(jsd, abs=1e-6)
+    # 6 held-out prompts x 2 completions, by task: the routing counts cover every evaluated sequence.
+    assert report["steps"] == {"before": 0, "after": 2}
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["held_out_reward"] == report["held_out_reward"]
+    for name in ("reward_curve.png", "expert_utilization.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
 
 
 def test_4bit_loading_is_rejected_without_cuda(tiny_model, tmp_path):

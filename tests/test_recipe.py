@@ -36,7 +36,7 @@ def python_without(distribution: str, root: Path) -> str:
     return str(root / "bin" / "python")
 
 
-def test_quickstart_recipe_runs_and_reports_without_deepspeed(tmp_path):
+def test_quickstart_recipe_runs_and_reports_without_deepspeed(tmp_path, visual_mc_folder):
     """`accelerate launch recipes/train.py --config recipes/quickstart.yaml`, shortened, run from the repository root
     as the quickstart runs it, in an environment without DeepSpeed (the quickstart does not install it): training
     starts and the report holds numbers."""
@@ -46,7 +46,7 @@ def test_quickstart_recipe_runs_and_reports_without_deepspeed(tmp_path):
     command = [
         python, "-m", "accelerate.commands.launch", "--num_processes", "1", "recipes/train.py",
         "--config", "recipes/quickstart.yaml", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
-        "--num_test_examples", "16", "--modality_calibration_samples", "16", "--logging_steps", "1",
+        "--dataset_name", str(visual_mc_folder), "--modality_calibration_samples", "16", "--logging_steps", "1",
         "--write_run_info", "true",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -54,14 +54,14 @@ def test_quickstart_recipe_runs_and_reports_without_deepspeed(tmp_path):
     output_dir = tmp_path / "out"
     report = json.loads((output_dir / "report.json").read_text())
     for when in ("before", "after"):
-        accuracy = report["held_out_accuracy"][when]
+        accuracy = report["held_out_reward"][when]
         assert set(accuracy) == {"all", *TASKS}
         assert all(0.0 <= value <= 1.0 for value in accuracy.values())
         assert all(math.isfinite(v) and v > 0 for v in report["routing"][when].values())
     assert [r["step"] for r in report["rewards"]] == [1, 2]
     for name in ("reward_curve.png", "expert_utilization.png", "modality_statistics.json", "run_info.json"):
         assert (output_dir / name).stat().st_size > 0
-    assert "held-out accuracy" in result.stdout
+    assert "held-out reward" in result.stdout
 
 
 def test_unknown_recipe_key_is_an_error(tmp_path):
@@ -81,5 +81,6 @@ def test_both_recipes_parse():
     assert paper.learning_rate == 1e-6 and paper.lr_scheduler_type == "cosine" and paper.max_steps == 25000
     assert paper.per_device_train_batch_size == 4
     # Both name their reward; only the quickstart reports before/after.
-    assert quickstart_script.reward_funcs == paper_script.reward_funcs == ["visual_mc_accuracy"]
+    reward = "trl_moe_grpo.demo.visual_mc.accuracy_reward"
+    assert quickstart_script.reward_funcs == paper_script.reward_funcs == [reward]
     assert quickstart_script.report and not paper_script.report

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_moe_grpo import MoEGRPOError, RoutingController, routing_analysis
+from trl_moe_grpo import MoEGRPOError, RoutingController
 from trl_moe_grpo.cli import main
-from trl_moe_grpo.commands import analyze_routing as analyze_routing_command
 from trl_moe_grpo.demo.visual_mc import TASKS, visual_mc_dataset
-from trl_moe_grpo.guidance import calibration_batches
+from trl_moe_grpo.prompts import calibration_batches
 from trl_moe_grpo.routing_analysis import (
     RoutingAnalysis,
     analyze_routing,
@@ -243,16 +242,22 @@ def test_rows_without_a_task_column_are_one_task_and_jsd_does_not_apply(processo
     assert isinstance(analysis, RoutingAnalysis)
 
 
-def test_plotting_stays_optional_to_import():
-    """matplotlib is imported inside the plot functions only (read from the source: other tests may have loaded it)."""
-    for module in (routing_analysis, analyze_routing_command):
-        tree = ast.parse(inspect.getsource(module))
-        top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-        names = [alias.name for node in top_level for alias in node.names] + [
-            node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)
-        ]
-        assert not any(name.startswith("matplotlib") for name in names)
-    assert "matplotlib" in inspect.getsource(routing_analysis._pyplot)
+def test_plotting_stays_optional():
+    """Without matplotlib (the `plots` extra) the package imports and trains; drawing names the extra to install."""
+    code = """
+import sys
+sys.modules["matplotlib"] = None  # as if not installed: importing it raises ImportError
+import trl_moe_grpo, trl_moe_grpo.routing_analysis, trl_moe_grpo.training_report, trl_moe_grpo.commands.analyze_routing
+from trl_moe_grpo.plotting import has_matplotlib, pyplot
+from trl_moe_grpo import MoEGRPOError
+try:
+    pyplot()
+except MoEGRPOError as error:
+    print("refused:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "refused: Drawing figures needs matplotlib" in result.stdout
+    assert "trl-moe-grpo[plots]" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------- the command

@@ -41,6 +41,9 @@ GRPO_SEAMS = {
     "_compute_loss": "self, model, inputs",
     "training_step": "self, model, inputs, num_items_in_batch",
     "prediction_step": "self, model, inputs, prediction_loss_only, ignore_keys=None",
+    "evaluation_loop": (
+        "self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix='eval'"
+    ),
     "train": "self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None",
     "_save": "self, output_dir=None, state_dict=None",
     "create_optimizer": "self, model=None",

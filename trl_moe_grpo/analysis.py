@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .guidance import VISION, ModalityStatistics
+from .plotting import pyplot, save_figure
 
 
 def modality_table(stats: ModalityStatistics, mask_ratio: float) -> str:
@@ -26,11 +27,7 @@ def modality_table(stats: ModalityStatistics, mask_ratio: float) -> str:
 
 def plot_modality_scores(stats: ModalityStatistics, mask_ratio: float, path: str | Path) -> Path:
     """Draw `ŝ_v` as a layer x expert heatmap and mark the masked experts; save it to `path` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scores, masks = stats.scores(), stats.masks(mask_ratio)
     num_layers, num_experts = scores.shape[0], scores.shape[-1]
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * num_experts, 1.0 + 0.35 * num_layers))
@@ -46,9 +43,4 @@ def plot_modality_scores(stats: ModalityStatistics, mask_ratio: float, path: str
     ax.set_yticks(range(num_layers))
     ax.set_title(f"vision score ŝ_v (V/T: masked for vision/text, P={mask_ratio})", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .guidance import calibration_batches
+from .prompts import calibration_batches
 
 
 @torch.no_grad()

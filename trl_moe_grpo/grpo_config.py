@@ -67,6 +67,16 @@ class MoEGRPOConfig(GRPOConfig):
         modality_calibration_samples (`int`, *optional*, defaults to `256`):
             Number of training prompts the trainer's own calibration pass uses.
 
+        > Parameters that control evaluation
+
+        greedy_eval (`bool`, *optional*, defaults to `True`):
+            Decode evaluation completions greedily, as at inference (evaluation always routes with top-K). `False`
+            samples them with the training `temperature`, as `trl.GRPOTrainer` evaluates.
+        task_column (`str` or `None`, *optional*, defaults to `"task"`):
+            Dataset column naming each row's task. When the evaluation dataset has it, evaluation logs the mean reward
+            per task (`eval_reward_by_task/<task>`) and the task-wise JSD of the expert selections
+            (`eval_routing/task_jsd`). `None` treats every row as one task.
+
     The load-balancing loss (`router_aux_loss_coef`, inherited) is computed on the experts the tokens were routed to,
     per layer, with the expert load of the whole generation batch, so gradient accumulation does not change it (see
     [`MoEGRPOTrainer`] for how it differs from transformers' auxiliary loss). Under `mask_truncated_completions=True`,
@@ -139,6 +149,14 @@ class MoEGRPOConfig(GRPOConfig):
     modality_calibration_samples: int = field(
         default=256,
         metadata={"help": "Training prompts used by the trainer's own calibration pass."},
+    )
+    greedy_eval: bool = field(
+        default=True,
+        metadata={"help": "Decode evaluation completions greedily (as at inference); False samples as TRL does."},
+    )
+    task_column: str | None = field(
+        default="task",
+        metadata={"help": "Dataset column naming each row's task: evaluation logs reward and routing per task."},
     )
 
     def __post_init__(self):

@@ -21,6 +21,7 @@ How it hooks into TRL (each override is the narrowest method that does the job a
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -29,18 +30,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from .errors import MoEGRPOError
+from .eval_routing import EvalRoutingCollector
 from .grpo_config import MoEGRPOConfig
-from .guidance import ModalityStatistics, calibrate, vision_token_ids
+from .guidance import ModalityStatistics, calibrate, model_identity, vision_token_ids
 from .losses import balance_loss_given_load, clipped_objective, expert_load, reduce_like_trl, set_log_prob
 from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
+from .routing_analysis import RoutingAnalysis
 from .trainer_common import MoETrainerMixin, peft_config_training_routers, resolve_args
 from .zero3 import gathered_parameters
 
@@ -156,17 +159,19 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 "routers, or set `gate_loss_coef=0`."
             )
 
+        self._sampled_decoding = (self.generation_config, self.generation_kwargs)
+        self._greedy_decoding = self._greedy(self.generation_config, self.generation_kwargs)
         if args.greedy_decoding:
-            greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
-            self.generation_config.update(**greedy)
-            if self.generation_kwargs is not None:
-                self.generation_kwargs.update(greedy)
+            self.generation_config, self.generation_kwargs = self._greedy_decoding
 
         self._batch_routes: torch.Tensor | None = None  # the trace the next forward replays
         self._scoring_rollouts = False  # inside `_generate_and_score_completions`
         # What a forward produced, stored right after that forward by role (never by call order): "old_gate_logps"
         # from the old-log-prob pass, "policy_captures" from the training forward. Each is taken once by its reader.
         self._forward_results: dict[str, Any] = {}
+        self._eval_routing: EvalRoutingCollector | None = None  # open while `evaluation_loop` runs
+        # The routing measures of the last `evaluate()` (expert counts per sequence, by task), for reports.
+        self.last_eval_routing: RoutingAnalysis | None = None
 
     # ------------------------------------------------------------------ modality-aware guidance, checkpoints
 
@@ -241,9 +246,31 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ rollouts: sampled routing, traced
 
+    @staticmethod
+    def _greedy(generation_config, generation_kwargs) -> tuple[Any, dict | None]:
+        """Copies of TRL's generation settings that decode greedily."""
+        greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
+        config = copy.deepcopy(generation_config)
+        if config is not None:
+            config.update(**greedy)
+        return config, None if generation_kwargs is None else {**generation_kwargs, **greedy}
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """Evaluation decodes as at inference (greedy) when `greedy_eval` is set, whatever the rollouts do."""
+        if self.model.training or not self.args.greedy_eval:
+            yield
+            return
+        training = self.generation_config, self.generation_kwargs
+        self.generation_config, self.generation_kwargs = self._greedy_decoding
+        try:
+            yield
+        finally:
+            self.generation_config, self.generation_kwargs = training
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         routing = self.args.rollout_routing if self.model.training else "topk"  # evaluation routes like inference
-        with self.routing.rollout(routing, self.args.routing_noise_std) as recording:
+        with self.routing.rollout(routing, self.args.routing_noise_std) as recording, self._decoding():
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -259,6 +286,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         self._batch_routes = None
         self._forward_results.pop("old_gate_logps", None)
         self._scoring_rollouts = True
+        if self._eval_routing is not None:
+            self._eval_routing.add_rows(inputs)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -310,6 +339,12 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             # The learning signal of GRPO: if the G rollouts of a prompt agree, every advantage is zero.
             within = nanstd(rewards.view(-1, group), dim=1)
             self._metrics[mode]["reward_std_within_group"].append(torch.nanmean(within).item())
+        column = self.args.task_column
+        if mode == "eval" and column is not None and column in inputs[0]:
+            # Every completion's reward, not a batch mean: the logged mean is then the task's exact mean.
+            tasks = gather_object([str(row[column]) for row in inputs])
+            for task, reward in zip(tasks, rewards.tolist()):
+                self._metrics[mode][f"reward_by_task/{task}"].append(reward)
         return rewards_per_func
 
     # ------------------------------------------------------------------ replay in every forward
@@ -362,6 +397,27 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys: list[str] | None = None):
         with self._routing_step():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """TRL's evaluation (top-K routing), plus the routing measures of the whole evaluation set as metrics:
+        `<prefix>_routing/{sequence_routing_entropy, pooled_routing_entropy, mean_gate_entropy, task_jsd}`."""
+        self._eval_routing = EvalRoutingCollector(
+            self.routing.num_layers, self.routing.num_experts, self.args.task_column
+        )
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            identity = model_identity(self.routing_model, self.routing)
+            self.last_eval_routing = self._eval_routing.analysis(f"step {self.state.global_step}", identity)
+        finally:
+            self._eval_routing = None
+        for key, value in self.last_eval_routing.summary().items():
+            if value is not None:
+                output.metrics[f"{metric_key_prefix}_routing/{key}"] = value
+        return output
 
     # ------------------------------------------------------------------ Token-GRPO (TRL's, replayed) + Gate-GRPO
 
@@ -473,6 +529,9 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             self._log_mean(mode, "routing/balance_loss", balance_sum.detach() / counted.sum().clamp(min=1))
 
         self._log_routing_metrics(mode, captures, log_probs.detach(), dispatched, attention_mask, gate_mask)
+        if self._eval_routing is not None:
+            counted = self._balance_mask(routes, inputs["prompt_mask"], inputs["completion_mask"])
+            self._eval_routing.add_routing(routes, counted, log_probs.detach())
         return loss
 
     # ------------------------------------------------------------------ metrics

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import MoEGRPOError
+from .prompts import calibration_batches
 from .routing.controller import TEXT, VISION, RoutingController
 
 FORMAT = "trl-moe-grpo/modality-statistics"
@@ -174,7 +175,7 @@ def count_top_k_by_modality(
     model.eval()
     try:
         for batch in batches:
-            with controller.rollout("topk") as recording:
+            with controller.capture(selection_probs=False) as recording:
                 model(**batch)
             routes = recording.steps[0].long().cpu()  # [batch, tokens, layers, top_k]
             modality = controller.token_modality(batch["input_ids"]).long().cpu()
@@ -186,49 +187,6 @@ def count_top_k_by_modality(
     finally:
         model.train(was_training)
     return counts
-
-
-def row_images(row: dict[str, Any]) -> list | None:
-    """A dataset row's images, read the way TRL reads them (an `images` list or a single `image`)."""
-    if row.get("images"):
-        return list(row["images"])
-    if row.get("image") is not None:
-        return [row["image"]]
-    return None
-
-
-def encode_conversations(processing_class, conversations: list, add_generation_prompt: bool) -> dict:
-    """Chat-template, tokenize and pad a batch of conversations (images included) into tensors."""
-    from transformers import ProcessorMixin
-
-    # Processors take tokenizer options in `processor_kwargs`, tokenizers directly.
-    padding = (
-        {"processor_kwargs": {"padding": True}} if isinstance(processing_class, ProcessorMixin) else {"padding": True}
-    )
-    return processing_class.apply_chat_template(
-        conversation=conversations,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        **padding,
-    )
-
-
-def calibration_batches(
-    processing_class, rows: list[dict[str, Any]], batch_size: int, device: torch.device | str = "cpu"
-) -> Iterable[dict[str, torch.Tensor]]:
-    """Model inputs for the prompts of `rows`, built as TRL builds generation prompts (chat template, images)."""
-    from trl.data_utils import is_conversational, prepare_multimodal_messages
-
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        if is_conversational(chunk[0]):
-            prompts = [prepare_multimodal_messages(row["prompt"], images=row_images(row)) for row in chunk]
-            inputs = encode_conversations(processing_class, prompts, add_generation_prompt=True)
-        else:
-            inputs = processing_class(text=[row["prompt"] for row in chunk], return_tensors="pt", padding=True)
-        yield {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
 
 
 def calibrate(

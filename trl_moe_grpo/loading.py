@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .errors import MoEGRPOError
 from .guidance import vision_token_ids
-
-if TYPE_CHECKING:
-    from datasets import DatasetDict
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -30,45 +25,19 @@ def load_model_and_processor(name_or_path: str, trust_remote_code: bool = False)
     return model, processor, vision_token_ids(model)
 
 
-def _visual_mc(num_train: int = 512, num_test: int = 128, seed: int = 0):
-    from .demo.visual_mc import visual_mc_dataset
-
-    return visual_mc_dataset(num_train, num_test, seed)
-
-
-# Datasets generated on the fly instead of loaded, by name. Each builder takes the sizes of its `train` and `test`
-# splits and a seed (`num_train`, `num_test`, `seed`) and returns a `DatasetDict`.
-GENERATED_DATASETS: dict[str, Callable[..., DatasetDict]] = {
-    "visual_mc": _visual_mc,  # the quickstart's multi-task visual multiple-choice data (`visual_mc.py`)
-}
-
-
-def load_dataset_split(
-    name_or_path: str, split: str = "train", *, name: str | None = None, streaming: bool = False, **generated_options
-):
-    """One split of a dataset: a generated one (`GENERATED_DATASETS`, e.g. `visual_mc`), a folder saved with
-    `save_to_disk`, a data file (json/jsonl/csv/parquet; the file is the split asked for) or anything else
-    `datasets.load_dataset` loads (a folder of data files, a hub name; `name` is its configuration).
-
-    `generated_options` (`num_train`, `num_test`, `seed`) go to a generated dataset's builder; `streaming` returns an
-    `IterableDataset`.
+def load_dataset_split(name_or_path: str, split: str = "train", *, name: str | None = None, streaming: bool = False):
+    """One split of a dataset: a folder saved with `save_to_disk`, a data file (json/jsonl/csv/parquet; the file is
+    the split asked for) or anything else `datasets.load_dataset` loads (a folder of data files, a hub name; `name`
+    is its configuration). `streaming` returns an `IterableDataset`.
     """
     import datasets
 
-    generated = name_or_path in GENERATED_DATASETS
-    if generated_options and not generated:
-        raise MoEGRPOError(
-            f"{sorted(generated_options)} only apply to the generated datasets {sorted(GENERATED_DATASETS)}, not to "
-            f"{name_or_path!r}."
-        )
     saved, builder = _is_saved_dataset(name_or_path), DATA_FILE_BUILDERS.get(os.path.splitext(name_or_path)[1])
-    if name is not None and (generated or saved or builder):
+    if name is not None and (saved or builder):
         raise MoEGRPOError(
             f"A dataset configuration name ({name!r}) applies to what `datasets.load_dataset` loads (a hub name, a "
             f"folder of data files), not to {name_or_path!r}."
         )
-    if generated:
-        return _split(GENERATED_DATASETS[name_or_path](**generated_options), split, name_or_path, streaming)
     if saved:
         return _split(datasets.load_from_disk(name_or_path), split, name_or_path, streaming)
     if builder is not None:

@@ -33,7 +33,9 @@ from typing import Any
 import torch
 
 from .errors import MoEGRPOError
-from .guidance import calibration_batches, model_identity
+from .guidance import model_identity
+from .plotting import pyplot, save_figure
+from .prompts import calibration_batches
 from .routing.controller import RoutingController
 
 FORMAT = "trl-moe-grpo/routing-analysis"
@@ -241,9 +243,8 @@ def collect_routing(
 ) -> Iterator[RoutingBatch]:
     """Run `model` on the prompts of `rows` with stock top-K routing; yield each batch's routes and gate probabilities.
 
-    Prompts are built as TRL builds generation prompts (`guidance.calibration_batches`: chat template, images).
-    A trace of `-1` everywhere is replayed: every token takes the live top-K, exactly as without the controller, and
-    the controller captures each router's logits and top-K from that same forward.
+    Prompts are built as TRL builds generation prompts (`prompts.calibration_batches`: chat template, images).
+    The controller only records (`RoutingController.capture`): the model routes exactly as without it.
     """
     was_training = model.training
     model.eval()
@@ -253,19 +254,9 @@ def collect_routing(
         for start, inputs in zip(range(0, len(rows), batch_size), batches):
             input_ids = inputs["input_ids"]
             attention_mask = inputs.get("attention_mask", torch.ones_like(input_ids))
-            unrouted = torch.full(
-                (*input_ids.shape, controller.num_layers, controller.top_k), -1, dtype=torch.int16, device=device
-            )
-            with controller.step_scope():
-                controller.start_replay(unrouted)
+            with controller.capture() as recording:
                 model(**inputs)
-                controller.finish_replay()
-                captures = controller.captures()
-            shape = (*input_ids.shape, controller.num_layers)
-            routes = torch.stack([c.top_k for c in captures], dim=1).reshape(*shape, controller.top_k)
-            gate_probs = torch.stack(
-                [a.selection_log_probs(c.logits).exp() for a, c in zip(controller.adapters, captures)], dim=1
-            ).reshape(*shape, controller.num_experts)
+            (routes,), (gate_probs,) = recording.steps, recording.selection_probs
             yield RoutingBatch(
                 input_ids=input_ids.cpu(),
                 attention_mask=attention_mask.cpu(),
@@ -505,15 +496,6 @@ def format_routing_table(analyses: Sequence[RoutingAnalysis]) -> str:
 # ---------------------------------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _as_list(analyses: RoutingAnalysis | Sequence[RoutingAnalysis]) -> list[RoutingAnalysis]:
     return [analyses] if isinstance(analyses, RoutingAnalysis) else list(analyses)
 
@@ -523,15 +505,6 @@ def spread_layers(num_layers: int, most: int) -> list[int]:
     if num_layers <= most or most < 2:
         return list(range(min(num_layers, max(most, 1))))
     return sorted({round(i * (num_layers - 1) / (most - 1)) for i in range(most)})
-
-
-def _save(fig, plt, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _need_example(analysis: RoutingAnalysis) -> SequenceRouting:
@@ -547,7 +520,7 @@ def plot_expert_utilization_by_task(
 
     `layers` defaults to at most four spread from first to last. The dotted line is the even share `1 / N`.
     """
-    plt = _pyplot()
+    plt = pyplot()
     analyses = _as_list(analyses)
     chosen = [list(layers) if layers is not None else spread_layers(a.num_layers, 4) for a in analyses]
     num_rows = max(len(c) for c in chosen)
@@ -578,7 +551,7 @@ def plot_expert_utilization_by_task(
         axes[0, column].set_title(f"{analysis.name}: share of top-K selections per expert", fontsize=9)
         axes[0, column].legend(fontsize=7, ncols=min(len(names), 4))
         axes[min(len(its_layers), num_rows) - 1, column].set_xlabel("expert")
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def display_token(text: str) -> str:
@@ -598,7 +571,7 @@ def plot_token_activations(
     A cell is coloured by the token's gate probability for an expert in its top-K and left blank otherwise. The last
     `max_tokens` tokens are drawn (the question, after any image), token strings on the axis.
     """
-    plt = _pyplot()
+    plt = pyplot()
     analyses = _as_list(analyses)
     chosen = [list(layers) if layers is not None else spread_layers(a.num_layers, 4) for a in analyses]
     num_rows = max(len(c) for c in chosen)
@@ -655,7 +628,7 @@ def plot_routing_probabilities(
     the K experts its tokens chose most often; with a token index (negative counts from the end) the cells are that
     token's gate probabilities and the marks its top-K.
     """
-    plt = _pyplot()
+    plt = pyplot()
     analyses = _as_list(analyses)
     most_layers = max(a.num_layers for a in analyses)
     most_experts = max(a.num_experts for a in analyses)
@@ -696,4 +669,4 @@ def plot_routing_probabilities(
             ax.set_yticks(range(analysis.num_layers))
         ax.set_title(f"{analysis.name}: routing probabilities\n({what})", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)

@@ -1,4 +1,11 @@
-"""The end-of-run report of a recipe: held-out accuracy, routing entropy, reward curve and expert utilization."""
+"""The before/after report of a training run, from the trainer's own evaluations: `MoEReportCallback`.
+
+The callback has the trainer evaluate at the start (`eval_on_start`) and at the last step, then writes `report.json`
+(held-out reward per task, routing measures, expert shares, the training reward curve) and, with matplotlib (the
+`plots` extra), `reward_curve.png` and `expert_utilization.png` to `output_dir`, and prints a short table. Every
+number in it is a metric `trainer.evaluate()` logged (so it also reaches `report_to`) or the routing measures of that
+evaluation (`MoEGRPOTrainer.last_eval_routing`).
+"""
 
 from __future__ import annotations
 
@@ -7,43 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
 
-from .evaluation import evaluate_accuracy
-from .routing import RoutingController
-from .routing_analysis import analyze_routing
+from .errors import MoEGRPOError
+from .plotting import has_matplotlib, pyplot, save_figure
 
-
-def measure(
-    model: torch.nn.Module,
-    controller: RoutingController,
-    processing_class,
-    rows: list[dict],
-    reward_fn,
-    batch_size: int,
-) -> dict[str, Any]:
-    """Accuracy per task (greedy, top-K), the routing measures of `routing_analysis` and the expert load per layer on
-    `rows`."""
-    analysis = analyze_routing(model, controller, processing_class, rows, batch_size)
-    load = analysis.counts.sum(0).float()  # [layers, experts]
-    return {
-        "accuracy": evaluate_accuracy(model, processing_class, rows, reward_fn, batch_size),
-        "routing": analysis.summary(),
-        "expert_share": (load / load.sum(-1, keepdim=True)).tolist(),
-    }
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+logger = logging.get_logger(__name__)
 
 
 def plot_reward_curve(log_history: list[dict], path: Path) -> Path:
     """Mean reward per logged step, with the within-group reward std (the GRPO learning signal)."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [log["step"] for log in log_history if "reward" in log]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [log["reward"] for log in log_history if "reward" in log], marker="o", label="mean reward")
@@ -54,15 +36,12 @@ def plot_reward_curve(log_history: list[dict], path: Path) -> Path:
     ax.set_ylabel("reward")
     ax.set_title("MoE-GRPO training reward")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_expert_utilization(before: list[list[float]], after: list[list[float]], path: Path) -> Path:
     """Share of routed slots per expert and layer on held-out prompts, before and after training."""
-    plt = _pyplot()
+    plt = pyplot()
     before_t, after_t = torch.tensor(before), torch.tensor(after)
     num_layers, num_experts = before_t.shape
     fig, axes = plt.subplots(num_layers, 1, figsize=(6, 2.2 * num_layers), squeeze=False)
@@ -77,48 +56,100 @@ def plot_expert_utilization(before: list[list[float]], after: list[list[float]],
     axes[0, 0].set_title("share of top-K slots per expert (held-out prompts)")
     axes[0, 0].legend()
     axes[-1, 0].set_xlabel("expert")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
+
+
+class MoEReportCallback(TrainerCallback):
+    """Evaluate before and after training and write the report (`report.json`, figures, a printed table).
+
+    Like TRL's `LogCompletionsCallback`, it is built with the trainer (an `MoEGRPOTrainer` with an `eval_dataset`):
+    `trainer.add_callback(MoEReportCallback(trainer))`. It turns on the trainer's `eval_on_start` (the "before"
+    evaluation) and asks for an evaluation at the last step (the "after" one), whatever `eval_strategy` says.
+    """
+
+    def __init__(self, trainer):
+        if trainer.eval_dataset is None:
+            raise MoEGRPOError("The report evaluates before and after training: give the trainer an `eval_dataset`.")
+        trainer.args.eval_on_start = True
+        self.trainer = trainer
+        self.evaluations: list[dict[str, Any]] = []
+        self.report: dict[str, Any] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        evaluation = {"step": state.global_step, "metrics": dict(metrics or {})}
+        evaluation["routing"] = self.trainer.last_eval_routing
+        self.evaluations.append(evaluation)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if len(self.evaluations) < 2:
+            logger.warning("No report: training ended before the final evaluation ran.")
+            return
+        if state.is_world_process_zero:
+            self.report = write_report(self.evaluations[0], self.evaluations[-1], state.log_history, args.output_dir)
+            print(format_report(self.report))
+
+
+def held_out_rewards(metrics: dict[str, float], prefix: str = "eval") -> dict[str, float]:
+    """`{"all": mean reward, task: mean reward, ...}` from an evaluation's logged metrics."""
+    rewards = {"all": metrics[f"{prefix}_reward"]}
+    marker = f"{prefix}_reward_by_task/"
+    rewards.update({key[len(marker) :]: value for key, value in metrics.items() if key.startswith(marker)})
+    return rewards
+
+
+def expert_shares(counts: torch.Tensor) -> list[list[float]]:
+    """`[layers][experts]` share of the routed slots per expert, from `[sequences, layers, experts]` counts."""
+    load = counts.sum(0).double()
+    return (load / load.sum(-1, keepdim=True).clamp(min=1)).tolist()
 
 
 def write_report(before: dict, after: dict, log_history: list[dict], output_dir: str | Path) -> dict[str, Any]:
-    """Write `report.json`, `reward_curve.png` and `expert_utilization.png`; return the report."""
+    """Write `report.json` (and the figures, with matplotlib) from two evaluations; return the report."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    evaluations = {"before": before, "after": after}
+    shares = {key: expert_shares(value["routing"].counts) for key, value in evaluations.items()}
     report = {
-        "held_out_accuracy": {"before": before["accuracy"], "after": after["accuracy"]},
-        "routing": {"before": before["routing"], "after": after["routing"]},
-        "expert_share": {"before": before["expert_share"], "after": after["expert_share"]},
+        "steps": {"before": before["step"], "after": after["step"]},
+        "held_out_reward": {key: held_out_rewards(value["metrics"]) for key, value in evaluations.items()},
+        "routing": {key: value["routing"].summary() for key, value in evaluations.items()},
+        "expert_share": shares,
         "rewards": [{"step": log["step"], "reward": log["reward"]} for log in log_history if "reward" in log],
-        "files": {
+        "files": {"reward_curve": None, "expert_utilization": None},
+    }
+    if has_matplotlib():
+        report["files"] = {
             "reward_curve": str(plot_reward_curve(log_history, output_dir / "reward_curve.png")),
             "expert_utilization": str(
-                plot_expert_utilization(
-                    before["expert_share"], after["expert_share"], output_dir / "expert_utilization.png"
-                )
+                plot_expert_utilization(shares["before"], shares["after"], output_dir / "expert_utilization.png")
             ),
-        },
-    }
+        }
+    else:
+        logger.warning("No figures: matplotlib is not installed (`pip install 'trl-moe-grpo[plots]'`).")
     (output_dir / "report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A short text summary: accuracy per task and routing entropy, before -> after."""
-    lines = ["held-out accuracy (greedy, top-K routing)       before   after"]
-    accuracy = report["held_out_accuracy"]
-    for task in accuracy["before"]:
-        lines.append(f"  {task:<44} {accuracy['before'][task]:6.3f}  {accuracy['after'][task]:6.3f}")
+    """A short text summary: held-out reward per task and routing entropy, before -> after."""
+    lines = ["held-out reward (evaluation: top-K routing)      before   after"]
+    rewards = report["held_out_reward"]
+    for task in rewards["before"]:
+        lines.append(f"  {task:<44} {rewards['before'][task]:6.3f}  {rewards['after'].get(task, float('nan')):6.3f}")
     before, after = report["routing"]["before"], report["routing"]["after"]
     rows = {
         "mean gate entropy (nats, per token)": "mean_gate_entropy",
-        "sequence routing entropy (nats, per prompt)": "sequence_routing_entropy",
+        "sequence routing entropy (nats, per sequence)": "sequence_routing_entropy",
         "task-wise JSD of expert selections (nats)": "task_jsd",
     }
     for label, key in rows.items():
         if before[key] is not None and after[key] is not None:
             lines.append(f"{label:<47} {before[key]:6.3f}  {after[key]:6.3f}")
-    lines.append(f"files: {report['files']['reward_curve']}, {report['files']['expert_utilization']}")
+    files = [path for path in report["files"].values() if path]
+    if files:
+        lines.append(f"files: {', '.join(files)}")
     return "\n".join(lines)

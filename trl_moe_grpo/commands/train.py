@@ -62,12 +62,18 @@ class TrainCommand(Command):
         The recipe and flags are parsed here first (as `trl grpo` does), so a bad value or an unknown key fails before
         any process starts.
         """
+        from ..errors import MoEGRPOError
         from ..scripts.grpo import check_no_unknown_arguments, make_parser
 
         parser = make_parser(prog=f"trl-moe-grpo {self.name}", epilog=LAUNCHER_EPILOG)
-        *_, from_recipe, from_command_line = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
+        try:
+            *_, from_recipe, from_command_line = parser.parse_args_and_config(
+                argv, return_remaining_strings=True, separate_remaining_strings=True
+            )
+        except ValueError as error:  # a value TRL or transformers refuse while parsing: their message names the fix
+            if not argv:
+                raise MoEGRPOError(f"No recipe: pass `--config recipe.yaml` (or the flags). {error}") from error
+            raise MoEGRPOError(str(error)) from error
         launcher_options = accelerate_launch_options()
         flags = [item for item in from_command_line if item.startswith("-")]
         unknown = [flag for flag in flags if flag.split("=")[0] not in launcher_options]

@@ -203,3 +203,24 @@ def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[floa
     """1.0 when the completion commits to the answer letter, else 0.0 (conversational or plain completions)."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return [1.0 if parse_choice(text) == target else 0.0 for text, target in zip(texts, answer)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the data set to a folder (`save_to_disk`), which a recipe then names as its `dataset_name`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trl_moe_grpo.demo.visual_mc",
+        description="Generate the visual multiple-choice data set (train and test splits) into a folder.",
+    )
+    parser.add_argument("output_dir", help="Folder to write (datasets' save_to_disk layout).")
+    parser.add_argument("--num_train", type=int, default=2048, help="Rows of the train split (default 2048).")
+    parser.add_argument("--num_test", type=int, default=512, help="Rows of the test split (default 512).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed; the test split uses seed + 10000 (default 0).")
+    args = parser.parse_args(argv)
+    visual_mc_dataset(args.num_train, args.num_test, args.seed).save_to_disk(args.output_dir)
+    print(f"Wrote {args.num_train} train and {args.num_test} test rows to {args.output_dir}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -116,9 +116,12 @@ class RolloutRecording:
 
     Attributes:
         steps: `[batch, tokens_in_call, layers, top_k]` int16 tensors, in call order.
+        selection_probs: with `capture(selection_probs=True)`, per call the `[batch, tokens_in_call, layers,
+            experts]` float32 selection distribution each token's route was taken from; otherwise `None`.
     """
 
     steps: list[torch.Tensor]
+    selection_probs: list[torch.Tensor] | None = None
 
 
 class RoutingController:
@@ -205,6 +208,18 @@ class RoutingController:
             yield recording
         finally:
             self.mode, self._recording, self._call_shape = previous, None, None
+
+    @contextlib.contextmanager
+    def capture(self, selection_probs: bool = True) -> Iterator[RolloutRecording]:
+        """Record every model call's stock top-K routes (and selection distributions) without changing the routing.
+
+        The model computes exactly what it computes without the controller; this is `rollout("topk")` that also
+        keeps each token's selection probabilities, for measuring routing (`routing_analysis`).
+        """
+        with self.rollout("topk") as recording:
+            if selection_probs:
+                recording.selection_probs = []
+            yield recording
 
     @contextlib.contextmanager
     def step_scope(self) -> Iterator[None]:
@@ -367,6 +382,9 @@ class RoutingController:
             self._recording.steps.append(
                 torch.full((batch, length, self.num_layers, self.top_k), -1, dtype=torch.int16, device=device)
             )
+            if self._recording.selection_probs is not None:
+                shape = (batch, length, self.num_layers, self.num_experts)
+                self._recording.selection_probs.append(torch.zeros(shape, dtype=torch.float32, device=device))
         if self.mode == "replay":
             if self._cursor > 0 and torch.is_grad_enabled():
                 # Checkpoint recompute re-runs the routers during backward but not this pre-hook, so it could only
@@ -443,6 +461,11 @@ class RoutingController:
             weights = adapter.mixing_weights(logits, indices, like=weights)
         if self._recording is not None:
             self._recording.steps[-1][:, :, layer] = indices.view(*self._call_shape, self.top_k).to(torch.int16)
+            if self._recording.selection_probs is not None:
+                probs = adapter.selection_log_probs(logits.detach()).exp()
+                self._recording.selection_probs[-1][:, :, layer] = probs.view(*self._call_shape, -1).float()
+        if self.mode == "topk":
+            return None  # recording only: the stock output, untouched
         return logits, weights, indices
 
     def _masked(self, log_probs: torch.Tensor, layer: int) -> torch.Tensor:

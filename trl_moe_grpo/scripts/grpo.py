@@ -16,7 +16,6 @@ vision-language (image-text-to-text) models both load this way.
 from __future__ import annotations
 
 import importlib
-import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -40,9 +39,8 @@ class GRPOScriptArguments(DatasetMixtureConfig, ScriptArguments):
     `streaming`, `test_split_size`, loaded with `trl.get_dataset`) and the fields below.
 
     `dataset_name` is what TRL's script loads with `datasets.load_dataset` (a hub name, a folder of data files), or a
-    folder saved with `save_to_disk`, a data file (json, jsonl, csv, parquet: the file is the split asked for), or a
-    generated dataset (`trl_moe_grpo.loading.GENERATED_DATASETS`: `visual_mc`). The test split is loaded only when
-    it is used: for evaluation (`eval_strategy` other than `"no"`) or the report.
+    folder saved with `save_to_disk`, or a data file (json, jsonl, csv, parquet: the file is the split asked for).
+    The test split is loaded only when it is used: for evaluation (`eval_strategy` other than `"no"`) or the report.
 
     Parameters:
         > Parameters that control the rewards
@@ -51,27 +49,24 @@ class GRPOScriptArguments(DatasetMixtureConfig, ScriptArguments):
             Reward functions, each a name or a dotted import path (`my_lib.rewards.custom_reward`, importable from
             the working directory). Names: TRL's script's (`accuracy_reward`, `reasoning_accuracy_reward`,
             `think_format_reward`, `get_soft_overlong_punishment` with `max_completion_len=1280`,
-            `soft_punish_cache=256`) and this project's (`visual_mc_accuracy`: the answer letter of the generated
-            `visual_mc` data). Weighted by `reward_weights`.
+            `soft_punish_cache=256`). Weighted by `reward_weights`.
         reward_model_name_or_path (`str`, *optional*):
             A reward model (hub name or local folder), used before the reward functions, as in TRL's script.
 
         > Parameters that control the before/after report
 
         report (`bool`, *optional*, defaults to `False`):
-            Before and after training, measure on the first `num_test_examples` rows of the test split: accuracy per
-            task (greedy decoding, top-K routing, scored with the reward functions' weighted sum), the routing
-            entropies and the expert utilization. Writes `report.json`, `reward_curve.png` and
-            `expert_utilization.png` to `output_dir` and prints a table.
+            Evaluate on the test split before and after training (`trainer.evaluate()`: held-out reward per task,
+            routing entropies, task-wise JSD, expert utilization; all logged to `report_to`) and write
+            `report.json`, `reward_curve.png` and `expert_utilization.png` to `output_dir` (`MoEReportCallback`;
+            the figures need the `plots` extra), then print a table.
 
-        > Parameters that control the generated datasets (`visual_mc`)
+        > Parameters that control the dataset's size
 
-        num_train_examples (`int`, *optional*, defaults to `2048`):
-            Size of a generated dataset's train split.
-        num_test_examples (`int`, *optional*, defaults to `128`):
-            Size of a generated dataset's test split, and the number of held-out rows the report measures.
-        dataset_seed (`int`, *optional*, defaults to `0`):
-            Seed of a generated dataset.
+        max_train_samples (`int` or `None`, *optional*, defaults to `None`):
+            Train on the first `max_train_samples` rows of the train split only (all of them when `None`).
+        max_eval_samples (`int` or `None`, *optional*, defaults to `None`):
+            Evaluate (and report) on the first `max_eval_samples` rows of the test split only.
 
         > Parameters that control diagnostics
 
@@ -85,8 +80,8 @@ class GRPOScriptArguments(DatasetMixtureConfig, ScriptArguments):
         default=None,
         metadata={
             "help": "Reward functions: TRL's script's names (`accuracy_reward`, `reasoning_accuracy_reward`, "
-            "`think_format_reward`, `get_soft_overlong_punishment`), this project's (`visual_mc_accuracy`) or any "
-            "dotted import path (e.g. `my_lib.rewards.custom_reward`)."
+            "`think_format_reward`, `get_soft_overlong_punishment`) or any dotted import path (e.g. "
+            "`my_lib.rewards.custom_reward`)."
         },
     )
     reward_model_name_or_path: str | None = field(
@@ -96,16 +91,16 @@ class GRPOScriptArguments(DatasetMixtureConfig, ScriptArguments):
     report: bool = field(
         default=False,
         metadata={
-            "help": "Measure held-out accuracy per task, routing entropies and expert utilization before and after "
-            "training; write report.json, reward_curve.png and expert_utilization.png to output_dir."
+            "help": "Evaluate before and after training (held-out reward per task, routing measures); write "
+            "report.json, reward_curve.png and expert_utilization.png to output_dir."
         },
     )
-    num_train_examples: int = field(default=2048, metadata={"help": "Size of a generated dataset's train split."})
-    num_test_examples: int = field(
-        default=128,
-        metadata={"help": "Size of a generated dataset's test split, and the held-out rows the report measures."},
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N rows of the train split only."}
     )
-    dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated dataset."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate and report on the first N rows of the test split only."}
+    )
     write_run_info: bool = field(
         default=False,
         metadata={"help": "Write run_info.json (world size, distributed type, model wrapper, ZeRO stage)."},
@@ -169,7 +164,7 @@ def make_parser(prog: str | None = None, epilog: str | None = None) -> TrlParser
 
 
 def reward_funcs_registry() -> dict[str, Callable]:
-    """Reward functions by name: TRL's script's, resolved as it resolves them, and this project's."""
+    """Reward functions by name: TRL's script's, resolved as it resolves them."""
     from trl.rewards import (
         accuracy_reward,
         get_soft_overlong_punishment,
@@ -177,14 +172,11 @@ def reward_funcs_registry() -> dict[str, Callable]:
         think_format_reward,
     )
 
-    from trl_moe_grpo.demo.visual_mc import accuracy_reward as visual_mc_accuracy
-
     return {
         "accuracy_reward": accuracy_reward,
         "reasoning_accuracy_reward": reasoning_accuracy_reward,
         "think_format_reward": think_format_reward,
         "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
-        "visual_mc_accuracy": visual_mc_accuracy,
     }
 
 
@@ -206,8 +198,8 @@ def resolve_reward_funcs(script_args: GRPOScriptArguments) -> list[Callable | st
             )
     if not reward_funcs:
         raise MoEGRPOError(
-            "No reward: name reward functions (e.g. `reward_funcs: [visual_mc_accuracy]` for the generated "
-            "`visual_mc` data, or a dotted path to your own) or a `reward_model_name_or_path`."
+            "No reward: name reward functions (e.g. `reward_funcs: [accuracy_reward]`, or a dotted path to your "
+            "own) or a `reward_model_name_or_path`."
         )
     return reward_funcs
 
@@ -223,29 +215,6 @@ def _import_reward(path: str) -> Callable:
     if not callable(reward):
         raise MoEGRPOError(f"Reward function {path!r} is a {type(reward).__name__}, not a function.")
     return reward
-
-
-def report_reward(reward_funcs: list[Callable | str], reward_weights: list[float] | None) -> Callable:
-    """The reward the report scores held-out completions with: the reward functions' weighted sum, as TRL sums them
-    (`reward_weights`, default 1 each; a reward of `None` adds nothing). One function of weight 1 is that function."""
-    models = [func for func in reward_funcs if isinstance(func, str)]
-    if models:
-        raise MoEGRPOError(
-            f"The report scores completions with reward functions, not reward models ({models}): set `report: false` "
-            "or use reward functions only."
-        )
-    weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_funcs)
-    if len(weights) != len(reward_funcs):
-        raise MoEGRPOError(f"{len(weights)} `reward_weights` for {len(reward_funcs)} reward functions.")
-
-    def weighted_reward(completions, **columns) -> list[float]:
-        per_func = [func(completions=completions, **columns) for func in reward_funcs]
-        return [
-            sum(weight * value for weight, value in zip(weights, values) if value is not None)
-            for values in zip(*per_func)
-        ]
-
-    return weighted_reward
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -297,7 +266,7 @@ def load_splits(script_args: GRPOScriptArguments, splits: list[str]) -> dict[str
     `dataset_name` (`trl_moe_grpo.loading.load_dataset_split`)."""
     from trl import get_dataset
 
-    from trl_moe_grpo.loading import DATA_FILE_BUILDERS, GENERATED_DATASETS, load_dataset_split
+    from trl_moe_grpo.loading import DATA_FILE_BUILDERS, load_dataset_split
 
     if script_args.datasets:
         if script_args.dataset_name:
@@ -318,20 +287,23 @@ def load_splits(script_args: GRPOScriptArguments, splits: list[str]) -> dict[str
             "evaluation and the report see the training rows. A folder of data files (`train.jsonl`, `test.jsonl`) "
             "or `test_split_size` with a `datasets` mixture holds rows out."
         )
-    options = {}
-    if script_args.dataset_name in GENERATED_DATASETS:
-        sizes = {"num_train": script_args.num_train_examples, "num_test": script_args.num_test_examples}
-        options = {**sizes, "seed": script_args.dataset_seed}
     return {
         split: load_dataset_split(
-            script_args.dataset_name,
-            split,
-            name=script_args.dataset_config,
-            streaming=script_args.dataset_streaming,
-            **options,
+            script_args.dataset_name, split, name=script_args.dataset_config, streaming=script_args.dataset_streaming
         )
         for split in splits
     }
+
+
+def first_rows(dataset, count: int | None):
+    """The first `count` rows of a dataset (streamed or not); all of it when `count` is `None`."""
+    if count is None:
+        return dataset
+    if count < 1:
+        raise MoEGRPOError(f"`max_train_samples` and `max_eval_samples` must be at least 1, got {count}.")
+    if hasattr(dataset, "take"):  # `IterableDataset`
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -343,22 +315,19 @@ def main(script_args: GRPOScriptArguments, training_args: MoEGRPOConfig, model_a
 
     from trl_moe_grpo.distributed import start_deepspeed_comm, write_run_info
     from trl_moe_grpo.grpo_trainer import MoEGRPOTrainer
-    from trl_moe_grpo.training_report import format_report, measure, write_report
-    from trl_moe_grpo.zero3 import gathered_parameters
+    from trl_moe_grpo.training_report import MoEReportCallback
 
     if not model_args.model_name_or_path:
         raise MoEGRPOError("No model: set `model_name_or_path` (a hub name or a local folder).")
     quantization_config, quantized = quantization_options(model_args, training_args)
     reward_funcs = resolve_reward_funcs(script_args)
-    scoring = report_reward(reward_funcs, training_args.reward_weights) if script_args.report else None
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args, quantized)
 
     evaluate = training_args.eval_strategy != "no"
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
     splits = load_splits(script_args, [train_split] + ([test_split] if evaluate or script_args.report else []))
-    held_out = None
-    if script_args.report:
-        held_out = list(itertools.islice(splits[test_split], script_args.num_test_examples))
+    train_dataset = first_rows(splits[train_split], script_args.max_train_samples)
+    eval_dataset = first_rows(splits[test_split], script_args.max_eval_samples) if test_split in splits else None
 
     # ZeRO-3 partitions the weights as they load and takes the world size from DeepSpeed's communication: start it.
     start_deepspeed_comm()
@@ -366,18 +335,15 @@ def main(script_args: GRPOScriptArguments, training_args: MoEGRPOConfig, model_a
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
         args=training_args,
-        train_dataset=splits[train_split],
-        eval_dataset=splits[test_split] if evaluate else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         quantization_config=quantization_config,
         peft_config=get_peft_config(model_args),
     )
 
-    # Every process measures (ZeRO-3 needs all ranks in each forward); only the main process writes.
-    batch_size = training_args.per_device_eval_batch_size
-    model, processor = trainer.routing_model, trainer.processing_class
-    if script_args.report:
-        with gathered_parameters(model):
-            before = measure(model, trainer.routing, processor, held_out, scoring, batch_size)
+    report = MoEReportCallback(trainer) if script_args.report else None
+    if report is not None:
+        trainer.add_callback(report)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("✅ Training completed.")
@@ -387,13 +353,6 @@ def main(script_args: GRPOScriptArguments, training_args: MoEGRPOConfig, model_a
     if script_args.write_run_info and trainer.accelerator.is_main_process:
         write_run_info(trainer, training_args.output_dir)
 
-    report = None
-    if script_args.report:
-        after = measure(trainer.routing_model, trainer.routing, processor, held_out, scoring, batch_size)
-        if trainer.accelerator.is_main_process:
-            report = write_report(before, after, trainer.state.log_history, training_args.output_dir)
-            print(format_report(report))
-
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
@@ -402,7 +361,7 @@ def main(script_args: GRPOScriptArguments, training_args: MoEGRPOConfig, model_a
     # while another still writes the report made the other abort under DeepSpeed on CPU.
     trainer.accelerator.wait_for_everyone()
     trainer.end()
-    return report
+    return report.report if report is not None else None
 
 
 def run_from_command_line() -> None:
