@@ -120,3 +120,26 @@ def test_frozen_routers_with_a_gate_loss_are_refused(tmp_path, tokenizer, datase
     with pytest.raises(MoEGRPOError, match="No router parameter is trainable.*target_parameters"):
         peft_trainer(tmp_path, tokenizer, dataset, peft_config=ia3)
     assert peft_trainer(tmp_path, tokenizer, dataset, peft_config=ia3, config={"gate_loss_coef": 0.0})
+
+
+def test_sft_baseline_under_lora_trains_the_routers(tmp_path, tokenizer, dataset):
+    """The fine-tuning baselines under LoRA: the routers are added to the adapter too, and move in training."""
+    from trl_moe_grpo import MoESFTConfig, MoESFTTrainer
+    from trl_moe_grpo.sft import sft_rows_from_answers
+
+    args = MoESFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
+        use_cpu=True, bf16=False, save_strategy="no", train_routing="sample", seed=0,
+    )  # fmt: skip
+    trainer = MoESFTTrainer(
+        tiny_moe_model("qwen3_moe", seed=6),
+        args=args,
+        train_dataset=sft_rows_from_answers(dataset.select(range(16))),
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
+    routers = {id(p): p for p in trainer.router_trainable_parameters()}
+    assert len(routers) == 2 * trainer.routing.num_layers  # lora_A and lora_B of every router
+    before = [p.detach().clone() for p in routers.values()]
+    trainer.train()
+    assert all(not torch.equal(old, p.detach()) for old, p in zip(before, routers.values()))

@@ -128,14 +128,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         if kwargs.get("peft_config") is not None:
             kwargs["peft_config"] = peft_config_training_routers(kwargs["peft_config"], model, args)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            # `MoEGRPOConfig` refuses it; TRL 1.16 sets it afterwards for PEFT models under DeepSpeed ZeRO-3.
-            raise MoEGRPOError(
-                "Gradient checkpointing is reentrant (`use_reentrant=True`): TRL forces it for PEFT models under "
-                "DeepSpeed ZeRO-3 (trl#2514). Reentrant checkpointing runs the forward without autograd, so the gate "
-                "probabilities would get no gradient. Set `gradient_checkpointing=False`, use ZeRO-2, or train "
-                "without PEFT."
-            )
+        self._refuse_reentrant_checkpointing()
         if self._is_vlm and self._tokenizer.padding_side != "left":
             # TRL left-pads the prompt ids itself but re-runs the processor for the training forward's per-token
             # fields (`mm_token_type_ids`, `token_type_ids`): padded on the other side they would misplace every

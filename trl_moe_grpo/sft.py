@@ -47,7 +47,7 @@ from .errors import MoEGRPOError
 from .losses import routed_load_balancing_loss
 from .routing import RoutingController, find_routers
 from .routing.controller import TRAINING_ROUTINGS, TrainingCapture, TrainingRoutes
-from .trainer_common import MoETrainerMixin, resolve_args, user_router_logits_flag
+from .trainer_common import MoETrainerMixin, peft_config_training_routers, resolve_args, user_router_logits_flag
 
 logger = logging.get_logger(__name__)
 
@@ -217,6 +217,9 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
     It takes the same arguments as `SFTTrainer` (model, datasets, processing class, callbacks...) and an
     [`MoESFTConfig`]. With `train_routing="topk"` and `router_aux_loss_coef=0` it computes exactly what
     `SFTTrainer` computes (with its own aux loss off).
+
+    Under PEFT with a `LoraConfig`, the routers' weights are added to the adapter's `target_parameters` as in
+    [`MoEGRPOTrainer`], so the routing baselines train the routing too.
     """
 
     _tag_names = ["trl", "sft", "moe-sft"]
@@ -229,10 +232,18 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
             find_routers(model.get_base_model() if hasattr(model, "get_base_model") else model)
         # TRL's SFTTrainer rewrites `output_router_logits` to match its aux loss: saved models keep the user's value.
         users_flag = user_router_logits_flag(model, args)
+        if kwargs.get("peft_config") is not None:
+            kwargs["peft_config"] = peft_config_training_routers(kwargs["peft_config"], model, args)
         super().__init__(model, args, *pargs, **kwargs)
+        self._refuse_reentrant_checkpointing()
 
         self.routing = RoutingController(self.routing_model)
         self._take_over_balance_loss(self.routing_model, policy_flag=users_flag)
+        if not self.router_trainable_parameters():
+            logger.warning(
+                "No router parameter is trainable (e.g. a PEFT adapter that leaves them frozen): the baseline "
+                "fine-tunes the experts only, with the routing it starts from."
+            )
         self._step_routes: TrainingRoutes | None = None  # the routing context of the running training step
 
     def _save(self, output_dir: str | None = None, state_dict=None):

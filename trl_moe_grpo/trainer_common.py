@@ -137,6 +137,18 @@ class MoETrainerMixin:
         prefixes = tuple(f"{_strip_base_layers(name)}." for name in self.routing.layer_names)
         return [p for n, p in self.routing_model.named_parameters() if p.requires_grad and n.startswith(prefixes)]
 
+    def _refuse_reentrant_checkpointing(self) -> None:
+        """The configs refuse reentrant checkpointing, but TRL turns it on after their check for PEFT models under
+        DeepSpeed ZeRO-3 (trl#2514): refuse it again once TRL's `__init__` ran."""
+        args = self.args
+        if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise MoEGRPOError(
+                "Gradient checkpointing is reentrant (`use_reentrant=True`): TRL forces it for PEFT models under "
+                "DeepSpeed ZeRO-3 (trl#2514). Reentrant checkpointing runs the forward without autograd, so the "
+                "routers' probabilities would get no gradient. Set `gradient_checkpointing=False`, use ZeRO-2, or "
+                "train without PEFT."
+            )
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.args.router_learning_rate is not None:

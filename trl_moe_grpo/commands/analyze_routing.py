@@ -31,7 +31,7 @@ class AnalyzeRoutingCommand(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("models", nargs="+", metavar="MODEL", help="model folders or hub names, e.g. before after")
         parser.add_argument(
-            "--dataset", required=True, help="`visual_mc`, a dataset folder (save_to_disk), a data file or hub name"
+            "--dataset", required=True, help="a dataset folder (save_to_disk), a data file or hub name"
         )
         parser.add_argument("--split", default="train")
         parser.add_argument("--num-samples", type=int, default=256, help="prompts to run (the split's first ones)")
