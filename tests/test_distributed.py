@@ -69,7 +69,7 @@ def launch(accelerate_config: str, model: Path, data: Path, output_dir: Path, *f
     """Run the quickstart recipe on 2 processes; return its output, or fail with the output's tail."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", f"recipes/accelerate_configs/{accelerate_config}",
+        "--config_file", f"trl_moe_grpo/accelerate_configs/{accelerate_config}",
         "--main_process_port", str(free_port()),
         "recipes/train.py", "--config", "recipes/quickstart.yaml",
         "--model_name_or_path", str(model), "--output_dir", str(output_dir),
@@ -149,7 +149,7 @@ def test_deepspeed_zero3_two_processes(tiny_model, visual_mc_folder, tmp_path):
     # The `--deepspeed` training-argument path (DeepSpeed's communication started before the partitioned load, by
     # recipes/train.py), with the report: its before/after measurements run on every rank, on the same rows. The
     # trainer calibrates its modality masks on parameters ZeRO-3 partitioned at load, gathering them for that pass.
-    deepspeed_json = "recipes/accelerate_configs/deepspeed_zero3_cpu.json"
+    deepspeed_json = "trl_moe_grpo/accelerate_configs/deepspeed_zero3_cpu.json"
     output = launch("deepspeed_zero3_cpu.yaml", tiny_model, visual_mc_folder, tmp_path, "--deepspeed", deepspeed_json)
     assert_two_ranks(run_info(tmp_path, output), "DEEPSPEED", "DeepSpeedEngine", 3)
     assert_trained(output)

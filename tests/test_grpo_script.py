@@ -261,12 +261,32 @@ def test_train_command_splits_launcher_and_script_arguments(tiny_model, tmp_path
         command.launch_arguments(["--config", recipe])
 
 
-def test_train_command_launches_the_script(tiny_model, tmp_path):
-    """`trl-moe-grpo train --config recipe.yaml --accelerate_config single_process`: accelerate runs the packaged
-    script in a process of its own, which trains and saves."""
-    recipe = write_recipe(tmp_path, tiny_model, write_jsonl(tmp_path / "data.jsonl", 8))
-    argv = ["--config", str(recipe), "--accelerate_config", "single_process", "--write_run_info", "true"]
-    assert TrainCommand().run(argparse.Namespace(argv=argv)) == 0
-    info = json.loads((tmp_path / "out" / "run_info.json").read_text())
-    assert info["world_size"] == 1 and info["distributed_type"] == "NO"
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+@pytest.mark.parametrize("name", ["deepspeed_zero2_cpu", "deepspeed_zero3_cpu"])
+def test_shipped_deepspeed_configs_work_from_any_directory(name, tmp_path, monkeypatch):
+    """The CPU DeepSpeed configs name their JSON relative to the repository root; run from elsewhere (or installed
+    from a wheel), `--accelerate_config NAME` gives accelerate a config whose JSON path exists."""
+    import yaml
+
+    from trl_moe_grpo.commands.train import resolve_accelerate_config
+
+    monkeypatch.chdir(tmp_path)
+    resolved = yaml.safe_load(Path(resolve_accelerate_config(name)).read_text())
+    json_file = Path(resolved["deepspeed_config"]["deepspeed_config_file"])
+    assert json_file.is_absolute() and json_file == ACCELERATE_CONFIGS / f"{name}.json"
+    assert json.loads(json_file.read_text())["zero_optimization"]["stage"] == int(name[len("deepspeed_zero")])
+    assert resolved["distributed_type"] == "DEEPSPEED" and resolved["num_processes"] == 2
+
+
+def test_the_wheel_ships_the_accelerate_configs(tmp_path):
+    """What `--accelerate_config NAME` resolves is installed with the package, not only present in a checkout."""
+    import subprocess
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    build = [sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q", "-w"]
+    subprocess.run([*build, str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("trl_moe_grpo-*.whl")
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    shipped = [path.name for path in ACCELERATE_CONFIGS.iterdir() if path.suffix in (".yaml", ".json")]
+    assert len(shipped) == 8
+    assert {f"trl_moe_grpo/accelerate_configs/{name}" for name in shipped} <= packaged

@@ -5,10 +5,11 @@
 
 Every argument goes to the training script (`trl_moe_grpo/scripts/grpo.py`: its recipe keys and flags, `--help` lists
 them) or to `accelerate launch` (its own flags, e.g. `--num_processes`, `--config_file`, `--main_process_port`).
-`--accelerate_config NAME` picks a shipped accelerate config: one of `recipes/accelerate_configs/` (`single_process`,
-`multi_process`, `deepspeed_zero2`, `deepspeed_zero3`, `deepspeed_zero2_cpu`, `deepspeed_zero3_cpu`), else one of
-TRL's (`zero2`, `fsdp2`, ...), or a path. A recipe holds training keys only; a key or flag that neither the script
-nor `accelerate launch` knows is an error that names it, before anything is launched.
+`--accelerate_config NAME` picks an accelerate config shipped in the package (`trl_moe_grpo/accelerate_configs/`:
+`single_process`, `multi_process`, `deepspeed_zero2`, `deepspeed_zero3`, `deepspeed_zero2_cpu`,
+`deepspeed_zero3_cpu`), else one of TRL's (`zero2`, `fsdp2`, ...), or a path. A recipe holds training keys only; a
+key or flag that neither the script nor `accelerate launch` knows is an error that names it, before anything is
+launched.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from pathlib import Path
 
 from .base import Command
 
-# The repository's accelerate configs (`recipes/` sits beside the package in a source checkout or editable install).
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate_configs"
+# The accelerate configs shipped with the package (package data, so a wheel install has them too).
+ACCELERATE_CONFIGS = Path(str(importlib.resources.files("trl_moe_grpo").joinpath("accelerate_configs")))
 LAUNCHER_EPILOG = (
-    "Launcher options: --accelerate_config NAME_OR_PATH (a config of recipes/accelerate_configs/ or of TRL, by name, "
-    "or a file) and any `accelerate launch` flag (--num_processes, --config_file, --main_process_port, ...)."
+    "Launcher options: --accelerate_config NAME_OR_PATH (a config shipped in trl_moe_grpo/accelerate_configs/ or "
+    "of TRL, by name, or a file) and any `accelerate launch` flag (--num_processes, --config_file, ...)."
 )
 
 
@@ -98,10 +99,10 @@ def accelerate_launch_options() -> set[str]:
 
 
 def shipped_accelerate_configs() -> dict[str, Path]:
-    """Accelerate configs by name: the repository's (`recipes/accelerate_configs/`), then TRL's for other names."""
+    """Accelerate configs by name: the package's (`trl_moe_grpo/accelerate_configs/`), then TRL's for other names."""
     configs = {}
     trl_configs = Path(str(importlib.resources.files("trl").joinpath("accelerate_configs")))
-    for folder in (trl_configs, ACCELERATE_CONFIGS):  # the repository's win a name both have
+    for folder in (trl_configs, ACCELERATE_CONFIGS):  # ours win a name both have
         if folder.is_dir():
             configs.update({path.stem: path for path in sorted(folder.glob("*.yaml"))})
     return configs
@@ -119,7 +120,29 @@ def resolve_accelerate_config(name_or_path: str) -> str:
         raise MoEGRPOError(
             f"Accelerate config {name_or_path!r} is neither a file nor a shipped config; shipped: {sorted(configs)}."
         )
-    return str(configs[name])
+    return str(with_reachable_deepspeed_file(configs[name]))
+
+
+def with_reachable_deepspeed_file(config: Path) -> Path:
+    """`config`, or a temporary copy of it whose DeepSpeed JSON is named by absolute path.
+
+    The CPU DeepSpeed configs name their JSON relative to the repository root, for `accelerate launch --config_file`
+    from a checkout; accelerate opens that path from the working directory. From anywhere else (or from a wheel),
+    the copy points at the JSON shipped beside the config.
+    """
+    import tempfile
+
+    import yaml
+
+    values = yaml.safe_load(config.read_text()) or {}
+    deepspeed = values.get("deepspeed_config") or {}
+    json_file = deepspeed.get("deepspeed_config_file")
+    if not json_file or Path(json_file).is_file():
+        return config
+    deepspeed["deepspeed_config_file"] = str(config.parent / Path(json_file).name)
+    copy = Path(tempfile.mkdtemp(prefix="trl-moe-grpo-")) / config.name
+    copy.write_text(yaml.safe_dump(values))
+    return copy
 
 
 def resolve_accelerate_config_argument(launch_args: list[str]) -> list[str]:
