@@ -152,7 +152,6 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 "routers, or set `gate_loss_coef=0`."
             )
 
-        self._sampled_decoding = (self.generation_config, self.generation_kwargs)
         self._greedy_decoding = self._greedy(self.generation_config, self.generation_kwargs)
         if args.greedy_decoding:
             self.generation_config, self.generation_kwargs = self._greedy_decoding
