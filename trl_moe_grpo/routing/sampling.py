@@ -26,10 +26,11 @@ def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | N
     Returns:
         `torch.Tensor`: `[rows, k]` int64 indices, first drawn first.
     """
-    uniform = torch.rand(log_probs.shape, device=log_probs.device, generator=generator, dtype=torch.float32)
-    # Clamp away from 0 so the double log stays finite; the bias this adds is below float32 resolution.
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
-    keys = log_probs.float() + gumbel
+    # `-log E` with `E ~ Exponential(1)` is Gumbel(0, 1): one draw and one log instead of a uniform's two logs (this
+    # runs in every router of every decoded token). The clamp keeps `log E` finite; its bias is below float32's.
+    exponential = torch.empty(log_probs.shape, device=log_probs.device, dtype=torch.float32)
+    exponential.exponential_(generator=generator).clamp_min_(torch.finfo(torch.float32).tiny)
+    keys = log_probs.float() - exponential.log_()
     return torch.topk(keys, k, dim=-1, sorted=True).indices
 
 

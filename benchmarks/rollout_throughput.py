@@ -1,0 +1,126 @@
+"""Rollout throughput of transformers' `generate` with sampled routing against top-K routing, in the same run.
+
+The same randomly initialized Qwen3-MoE (as in `step_time.py`) generates the same batch of prompts, every completion
+exactly `--completion` tokens long, in three ways that take turns (rotating order, `--repeats` rounds):
+
+- stock: the model without a routing controller;
+- top-K recorded: the controller records every token's routes (`rollout("topk")`, what R3 rollouts do);
+- sampled: Gumbel-top-K routing, recorded (`rollout("sample")`, MoE-GRPO's rollouts).
+
+Tokens per second is generated tokens (batch x completion) over wall time; the table gives the median over rounds
+and each way's ratio to top-K recorded (target for sampled: >= 0.95) and to stock.
+
+    python benchmarks/rollout_throughput.py
+    python benchmarks/rollout_throughput.py --device cuda --dtype bfloat16 --hidden 1024 --layers 16 --experts 64
+    python benchmarks/rollout_throughput.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import statistics
+import time
+
+import torch
+from step_time import build_model, describe, machine, synchronize, write_json
+from step_time import make_parser as step_time_parser
+
+from trl_moe_grpo.routing import RoutingController
+
+WAYS = ("stock", "top-K recorded", "sampled")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = step_time_parser()
+    parser.description = __doc__
+    parser.set_defaults(prompts=4, generations=4, completion=64, repeats=5)
+    return parser
+
+
+def generate(model, controller: RoutingController | None, way: str, input_ids, args) -> float:
+    """Seconds to generate `args.completion` tokens for every row of `input_ids` in `way`."""
+    if way == "stock":
+        context = contextlib.nullcontext()
+    else:
+        context = controller.rollout("topk" if way == "top-K recorded" else "sample")
+    gc.collect()
+    synchronize(args.device)
+    start = time.perf_counter()
+    with torch.no_grad(), context:
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=args.completion,
+            min_new_tokens=args.completion,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    synchronize(args.device)
+    assert output.shape[1] == input_ids.shape[1] + args.completion
+    return time.perf_counter() - start
+
+
+def measure(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = build_model(args).eval()
+    stock = build_model(args).eval()  # the same weights (seed 0), never hooked
+    controller = RoutingController(model)
+    batch = args.prompts * args.generations
+    input_ids = torch.randint(4, model.config.vocab_size, (batch, 8), device=args.device)
+    models = {"stock": stock, "top-K recorded": model, "sampled": model}
+    for way in WAYS:  # warm-up
+        generate(models[way], controller, way, input_ids, args)
+    seconds = {way: [] for way in WAYS}
+    for repeat in range(args.repeats):
+        order = WAYS[repeat % 3 :] + WAYS[: repeat % 3]
+        for way in order:
+            seconds[way].append(generate(models[way], controller, way, input_ids, args))
+    tokens = batch * args.completion
+    throughput = {way: [tokens / s for s in seconds[way]] for way in WAYS}
+    return {
+        "tokens_per_round": tokens,
+        "tokens_per_second": {way: statistics.median(values) for way, values in throughput.items()},
+        "ratio_to_topk": {
+            way: [mine / theirs for mine, theirs in zip(throughput[way], throughput["top-K recorded"])] for way in WAYS
+        },
+        "ratio_to_stock": {
+            way: [mine / theirs for mine, theirs in zip(throughput[way], throughput["stock"])] for way in WAYS
+        },
+    }
+
+
+def format_table(result: dict) -> str:
+    def spread(values):
+        return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    lines = [
+        "| routing | tokens/s (median) | x top-K recorded: median (min-max) | x stock |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for way in WAYS:
+        lines.append(
+            f"| {way} | {result['tokens_per_second'][way]:.1f} | {spread(result['ratio_to_topk'][way])} | "
+            f"{spread(result['ratio_to_stock'][way])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = make_parser().parse_args(argv)
+    if args.smoke:
+        args.hidden, args.layers, args.experts, args.completion = 64, 2, 4, 4
+        args.prompts, args.generations, args.repeats = 1, 2, 2
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    print(machine())
+    print(describe(args).split(";")[0] + f"; {args.prompts * args.generations} sequences x {args.completion} tokens")
+    result = measure(args)
+    print(format_table(result))
+    write_json(args.json, {"machine": machine(), **result})
+    return result
+
+
+if __name__ == "__main__":
+    main()
