@@ -20,7 +20,13 @@ median ratio over repeats and its spread (min-max), and the median time of each 
     python benchmarks/step_time.py                              # default size (hidden 512, 8 layers, 8 experts)
     python benchmarks/step_time.py --sweep                      # how the ratios grow with L, N, K and tokens
     python benchmarks/step_time.py --device cuda --dtype bfloat16 --hidden 1024 --layers 16 --experts 64
+    python benchmarks/step_time.py --memory                     # also each arm's peak memory, in its own process
     python benchmarks/step_time.py --smoke                      # seconds: the tests run this
+
+Memory (`--memory`): each arm trains in a fresh process of this script (arms sharing one process would share the
+allocator's high-water mark, so a later arm would inherit an earlier arm's peak). After the warm-up steps the peak
+is reset (`VmHWM` through `/proc/self/clear_refs` on Linux; `torch.cuda.reset_peak_memory_stats` on a GPU), then
+`--steps` steps run; the step's memory is that peak minus the memory in use before them (weights, optimizer state).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -89,6 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--sweep", action="store_true", help="one table row per size of SWEEP")
+    parser.add_argument("--memory", action="store_true", help="also measure each arm's peak step memory (own process)")
+    parser.add_argument("--memory-arm", type=int, default=None, help=argparse.SUPPRESS)  # the child of --memory
     parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 rounds of 1 step: seconds")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser
@@ -320,6 +330,85 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------------- memory
+
+
+def resident_mb() -> float:
+    """Current resident memory of this process, MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size (Linux >= 4.0)
+            f.write("5")
+
+
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def in_use_mb(device: str) -> float:
+    return torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else resident_mb()
+
+
+def arm_memory(args: argparse.Namespace) -> dict:
+    """Run in a child process: one arm's memory in use before its steps and its peak during them, MiB."""
+    name, options = list(ARMS.items())[args.memory_arm]
+    trainer = build_trainer(options, build_model(args), args, f"/tmp/moe-grpo-step-memory-{os.getpid()}")
+    arm = Arm(name, trainer, endless_batches(trainer), PhaseClock(args.device))
+    for _ in range(max(args.warmup, 1)):  # the optimizer's state exists from the first step on
+        arm.step()
+    gc.collect()
+    before = in_use_mb(args.device)
+    reset_peak(args.device)
+    for _ in range(args.steps):
+        arm.step()
+    peak = peak_mb(args.device)
+    return {"before_mb": before, "peak_mb": peak, "step_mb": peak - before}
+
+
+SIZE_FLAGS = ("hidden", "layers", "experts", "top_k", "expert_size", "prompts", "generations", "completion")
+RUN_FLAGS = ("warmup", "steps", "device", "threads", "dtype")
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
+    """Each arm in a fresh process of this script, at the size of `args`: `{arm: {before_mb, peak_mb, step_mb}}`."""
+    flags = [
+        item
+        for key in SIZE_FLAGS + RUN_FLAGS
+        if getattr(args, key) is not None
+        for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
+    ]
+    result = {}
+    for index, name in enumerate(ARMS):
+        child = subprocess.run(
+            [sys.executable, __file__, *flags, "--memory-arm", str(index)], capture_output=True, text=True, check=False
+        )
+        if child.returncode != 0:
+            raise RuntimeError(f"The memory run of {name!r} failed:\n{child.stdout[-2000:]}{child.stderr[-2000:]}")
+        result[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
+
+
+def format_memory(memory: dict[str, dict]) -> str:
+    reference = memory["trl.GRPOTrainer"]["step_mb"]
+    lines = [
+        "| arm | in use before the steps, MiB | peak, MiB | step memory (peak - before), MiB | x GRPOTrainer |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in memory.items():
+        ratio = m["step_mb"] / reference if reference > 0 else float("nan")
+        lines.append(f"| {name} | {m['before_mb']:.0f} | {m['peak_mb']:.0f} | {m['step_mb']:.0f} | {ratio:.3f} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------- report
 
 
@@ -375,6 +464,16 @@ def write_json(path: str | None, data: dict) -> None:
             json.dump(data, f, indent=1)
 
 
+def measure_size(args: argparse.Namespace) -> dict:
+    """Time (and with `--memory`, measure the memory of) every arm at one size; print its tables."""
+    result = measure(args)
+    print(format_table(result), flush=True)
+    if args.memory:
+        result["memory"] = measure_memory(args)
+        print("\n" + format_memory(result["memory"]), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     if args.smoke:
@@ -382,24 +481,32 @@ def main(argv: list[str] | None = None) -> dict:
         args.prompts, args.generations, args.warmup, args.repeats, args.steps = 1, 2, 1, 2, 1
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.memory_arm is not None:
+        print(json.dumps(arm_memory(args)))
+        return {}
     print(machine())
     if not args.sweep:
         print(describe(args))
-        result = measure(args)
-        print(format_table(result))
+        result = measure_size(args)
         write_json(args.json, {"machine": machine(), "setting": describe(args), **result})
         return result
     rows = {}
     for label, changes in SWEEP.items():
         sized = argparse.Namespace(**{**vars(args), **changes})
         print(f"\n## {label}: {describe(sized)}", flush=True)
-        rows[label] = {"setting": describe(sized), **measure(sized)}
-        print(format_table(rows[label]), flush=True)
+        rows[label] = {"setting": describe(sized), **measure_size(sized)}
     names = list(ARMS)[1:]
-    print("\n| size | " + " | ".join(f"{n}: x GRPOTrainer" for n in names) + " |")
-    print("| --- |" + " ---: |" * len(names))
+    columns = [f"{n}: x GRPOTrainer" for n in names]
+    if args.memory:
+        columns += [f"{n}: step memory x GRPOTrainer" for n in names]
+    print("\n| size | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
     for label, result in rows.items():
-        print(f"| {label} | " + " | ".join(spread(result["arms"][n]["ratios"]) for n in names) + " |")
+        cells = [spread(result["arms"][n]["ratios"]) for n in names]
+        if args.memory:
+            reference = result["memory"]["trl.GRPOTrainer"]["step_mb"]
+            cells += [f"{result['memory'][n]['step_mb'] / reference:.3f}" for n in names]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     print(machine())
     write_json(
         args.json,

@@ -24,7 +24,7 @@ def run(script: str, tmp_path: Path, *flags: str) -> dict:
 
 
 def test_step_time_runs_every_arm_on_equal_tokens(tmp_path):
-    result = run("step_time.py", tmp_path)
+    result = run("step_time.py", tmp_path, "--memory")
     arms = result["arms"]
     assert list(arms) == ["trl.GRPOTrainer", "R3 (top-K rollouts, replay)", "MoE-GRPO (sampled, replay, Gate-GRPO)"]
     assert arms["trl.GRPOTrainer"]["ratios"] == [1.0, 1.0]
@@ -37,6 +37,11 @@ def test_step_time_runs_every_arm_on_equal_tokens(tmp_path):
     # Smoke size: 2 layers, top-2, int16 ids.
     assert result["trace_bytes_per_token"] == [result["trace_bytes_target"]] == [8]
     assert result["tokens_per_step"] == 8
+    # --memory: every arm measured in its own process, its peak taken over its steps only (reset after warm-up).
+    assert list(result["memory"]) == list(arms)
+    for name, memory in result["memory"].items():
+        assert 0 < memory["before_mb"] <= memory["peak_mb"], name
+        assert memory["step_mb"] == memory["peak_mb"] - memory["before_mb"], name
 
 
 def test_rollout_throughput_compares_sampled_with_top_k(tmp_path):

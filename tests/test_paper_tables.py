@@ -26,7 +26,12 @@ def test_every_arm_trains_and_is_reported(tmp_path):
         assert 0.0 <= run["accuracy"]["all"] <= 1.0, key
         summary = run["routing"]
         assert 0 < summary["mean_gate_entropy"] <= math.log(8) and 0 <= summary["task_jsd"] <= math.log(2), key
-        assert run["router_weight_change"] > 0, key  # every arm trains the routers
+        if key.split("/")[0] == "moe_grpo_no_lb" and run["groups_with_signal"] == 0:
+            # No balance loss and no group whose rollouts disagreed in reward: every advantage is 0, so the routers
+            # get no gradient at all and must not move (2 smoke steps can draw no reward spread).
+            assert run["router_weight_change"] == 0, key
+        else:
+            assert run["router_weight_change"] > 0, key  # every other arm trains the routers
 
     report = output.read_text()
     for title in ("Table 1", "Table 4", "Table 5", "Table 7", "Routing analysis", "Time per arm"):
