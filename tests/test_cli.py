@@ -51,6 +51,14 @@ def test_train_without_a_recipe_says_so(capsys):
     assert line.startswith("trl-moe-grpo train: error: No recipe: pass `--config recipe.yaml`")
 
 
+def test_train_with_a_missing_recipe_names_it(tmp_path, capsys):
+    missing = str(tmp_path / "nope.yaml")
+    assert main(["train", "--config", missing]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"trl-moe-grpo train: error: Recipe {missing!r} not found")
+
+
 @pytest.mark.parametrize("command", sorted(FAILURES))
 def test_errors_are_one_line_with_exit_code_2(command, tmp_path, capsys):
     argv, fragment = FAILURES[command]

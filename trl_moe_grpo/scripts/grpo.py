@@ -126,6 +126,7 @@ class RecipeParser(TrlParser):
         from trl_moe_grpo.distributed import skip_deepspeed_shm_comm_build
 
         skip_deepspeed_shm_comm_build()
+        check_recipe_exists(list(args) if args is not None else sys.argv[1:])
         if return_remaining_strings or not fail_with_unknown_args:
             return super().parse_args_and_config(
                 args, return_remaining_strings, fail_with_unknown_args, separate_remaining_strings
@@ -135,6 +136,20 @@ class RecipeParser(TrlParser):
         )
         check_no_unknown_arguments(from_recipe, from_command_line)
         return tuple(parsed)
+
+
+def check_recipe_exists(argv: list[str]) -> None:
+    """Raise an error naming the recipe when `--config` names no file (TRL would raise a bare `FileNotFoundError`)."""
+    if "--config" not in argv:
+        return
+    index = argv.index("--config") + 1
+    if index >= len(argv):
+        raise MoEGRPOError("`--config` needs a recipe file: `--config recipe.yaml`.")
+    if not os.path.isfile(argv[index]):
+        raise MoEGRPOError(
+            f"Recipe {argv[index]!r} not found (from {os.getcwd()}): pass the path of a YAML recipe, e.g. "
+            "`--config recipes/quickstart.yaml`."
+        )
 
 
 def check_no_unknown_arguments(from_recipe: list[str], from_command_line: list[str], launcher: str = "") -> None:
