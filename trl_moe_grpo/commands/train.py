@@ -72,8 +72,8 @@ class TrainCommand(Command):
                 argv, return_remaining_strings=True, separate_remaining_strings=True
             )
         except ValueError as error:  # a value TRL or transformers refuse while parsing: their message names the fix
-            if not argv:
-                raise MoEGRPOError(f"No recipe: pass `--config recipe.yaml` (or the flags). {error}") from error
+            if not argv:  # the defaults alone fail on what they lack (e.g. `use_cpu` here): not the user's problem
+                raise MoEGRPOError("No recipe: pass `--config recipe.yaml` (or the flags).") from error
             raise MoEGRPOError(str(error)) from error
         launcher_options = accelerate_launch_options()
         flags = [item for item in from_command_line if item.startswith("-")]
