@@ -24,6 +24,8 @@ FAMILIES = list(FAMILY_ROUTERS)
 SOFTMAX_FAMILIES = [family for family in FAMILIES if family != "deepseek_v3"]
 # Registered router classes with no tiny family of their own, and where transformers defines them.
 OTHER_ROUTERS = {"Qwen3VLMoeTextTopKRouter": "qwen3_vl_moe"}
+# Router classes this package defines (with the router contract of transformers'), and their modules.
+PACKAGE_ROUTERS = {"CLIPMoeTopKRouter": "trl_moe_grpo.clip_moe.modeling"}
 
 
 def random_ids(batch: int = 3, length: int = 9, seed: int = 0) -> torch.Tensor:
@@ -62,9 +64,10 @@ def test_family_routers_are_registered(family):
 def test_every_registered_router_class_exists_in_transformers():
     """Each key of `ROUTER_ADAPTERS` names a router class that transformers really defines."""
     where = {name: module for name, module in FAMILY_ROUTERS.values()} | OTHER_ROUTERS
-    assert set(ROUTER_ADAPTERS) == set(where), "add the defining transformers module of new router classes here"
-    for class_name, module_name in where.items():
-        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    assert set(ROUTER_ADAPTERS) == set(where) | set(PACKAGE_ROUTERS), "add the defining module of new router classes"
+    where = {name: f"transformers.models.{module}.modeling_{module}" for name, module in where.items()}
+    for class_name, module_name in (where | PACKAGE_ROUTERS).items():
+        module = importlib.import_module(module_name)
         cls = getattr(module, class_name, None)
         assert isinstance(cls, type) and issubclass(cls, torch.nn.Module), class_name
 

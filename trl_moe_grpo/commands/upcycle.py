@@ -10,8 +10,8 @@ from .base import Command
 class UpcycleCommand(Command):
     name = "upcycle"
     help = (
-        "Turn a dense model (Qwen3, Llama, Mistral, InternVL with Qwen3) into a stock MoE model (Qwen3-MoE, Mixtral, "
-        "InternVL with Qwen3-MoE), or print its parameter counts with --dry-run."
+        "Turn a dense model (Qwen3, Llama, Mistral, InternVL with Qwen3, CLIP) into an MoE model (Qwen3-MoE, Mixtral, "
+        "InternVL with Qwen3-MoE, CLIP-MoE), or print its parameter counts with --dry-run."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -51,6 +51,25 @@ class UpcycleCommand(Command):
             raise MoEGRPOError("A preset holds a config, no weights: use it with --dry-run, or pass SOURCE.")
         if args.source is None or args.output is None:
             raise MoEGRPOError("Pass SOURCE and --output DIR (or --dry-run to only count parameters).")
+        from ..clip_moe.upcycle import is_clip_folder
+
+        if is_clip_folder(args.source):  # CLIP -> CLIP-MoE: the vision encoder's MLPs become experts
+            from ..clip_moe.upcycle import upcycle_clip
+
+            result = upcycle_clip(
+                args.source,
+                args.output,
+                args.num_experts,
+                args.top_k,
+                init=args.init,
+                noise_std=args.noise_std,
+                drop_ratio=args.drop_ratio,
+                router_std=args.router_std,
+                seed=args.seed,
+                overwrite=args.overwrite,
+            )
+            print(f"{result.summary()}, init={args.init}")
+            return 0
         result = upcycle(
             args.source,
             args.output,

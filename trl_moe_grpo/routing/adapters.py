@@ -45,7 +45,7 @@ class RouterAdapter:
 
 
 class SoftmaxTopKAdapter(RouterAdapter):
-    """Softmax, then top-K (Qwen2-MoE, Qwen3-MoE, Qwen3-VL-MoE, OLMoE, Mixtral).
+    """Softmax, then top-K (Qwen2-MoE, Qwen3-MoE, Qwen3-VL-MoE, OLMoE, Mixtral, CLIP-MoE).
 
     Selection distribution: `softmax(z)`. Mixing weights: `softmax(z)[S]`, renormalized over `S` when the router's
     `norm_topk_prob` is set (Mixtral always renormalizes).
@@ -113,6 +113,7 @@ ROUTER_ADAPTERS: dict[str, type[RouterAdapter]] = {
     "Qwen3VLMoeTextTopKRouter": SoftmaxTopKAdapter,
     "OlmoeTopKRouter": SoftmaxTopKAdapter,
     "MixtralTopKRouter": SoftmaxTopKAdapter,
+    "CLIPMoeTopKRouter": SoftmaxTopKAdapter,  # trl_moe_grpo.clip_moe's vision encoder
     "GptOssTopKRouter": TopKSoftmaxAdapter,
     "DeepseekV3TopkRouter": SigmoidGroupedAdapter,
 }

@@ -1,0 +1,38 @@
+"""CLIP-MoE image classification trained with MoE-GRPO (the paper's Tables 2-3).
+
+- `modeling.py`   CLIP-MoE: transformers' CLIP with MoE MLPs in the vision encoder (registered with the Auto classes)
+- `upcycle.py`    CLIP -> CLIP-MoE (`copy`, `noise`, `drop` experts)
+- `classify.py`   zero-shot classification: class-prompt embeddings, image logits, datasets to pixel values
+- `trainer.py`    `CLIPMoEGRPOConfig`/`CLIPMoEGRPOTrainer` (MoE-GRPO) and `CLIPDetFTConfig`/`CLIPDetFTTrainer` (Det-FT)
+- `evaluation.py` top-1 accuracy per dataset, cross-dataset and shifted-domain tables
+- `images.py`     generated image-caption and classification data of the miniature
+- `tiny.py`       a tiny CLIP built locally, and its contrastive pre-training
+"""
+
+from . import modeling  # registers the CLIP-MoE classes with AutoConfig / AutoModel
+from .modeling import (
+    CLIPMoeConfig,
+    CLIPMoeExperts,
+    CLIPMoeModel,
+    CLIPMoeSparseMoeBlock,
+    CLIPMoeTopKRouter,
+    CLIPMoeVisionConfig,
+    CLIPMoeVisionModel,
+    vision_encoder,
+)
+from .upcycle import CLIPUpcycleResult, upcycle_clip, upcycle_clip_model
+
+__all__ = [
+    "CLIPMoeConfig",
+    "CLIPMoeExperts",
+    "CLIPMoeModel",
+    "CLIPMoeSparseMoeBlock",
+    "CLIPMoeTopKRouter",
+    "CLIPMoeVisionConfig",
+    "CLIPMoeVisionModel",
+    "CLIPUpcycleResult",
+    "modeling",
+    "upcycle_clip",
+    "upcycle_clip_model",
+    "vision_encoder",
+]
