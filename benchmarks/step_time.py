@@ -5,7 +5,15 @@ download) on the same prompts. Every completion has exactly `--completion` token
 processes the same tokens; the script checks it. After `--warmup` steps per arm, the arms take turns: each repeat
 times `--steps` optimizer steps of every arm, in an order that rotates from repeat to repeat, so a slow spell of a
 noisy machine falls on every arm alike. Each repeat gives a ratio to `trl.GRPOTrainer`; the table reports the
-median ratio over repeats and its spread (min-max), and the median time of each phase of a step:
+median ratio over repeats and its spread (min-max), and the median time of each phase of a step.
+
+Clock (`--clock`): on CPU the default is this process's CPU time (`time.process_time`, every thread of the process),
+not wall time. On a shared machine another process takes the cores away from whichever arm happens to run, which
+moves wall-clock ratios by tens of percent; CPU time counts only the work this process did (one torch thread by
+default), so the ratios hold under load. `--clock wall` gives wall time; on a GPU wall time (with the device
+synchronized around every timed region) is the only meaningful clock and the default.
+
+Phases:
 
 - generation: `_generate_single_turn` (the model's `generate`, with the routing hooks for the MoE arms), of which
   trace building (`split_rollout_routes`, `pad_routes`);
@@ -96,6 +104,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="CPU threads for torch (1: steadier timings on a shared machine)"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--clock",
+        default="auto",
+        choices=["auto", "cpu", "wall"],
+        help="cpu: this process's CPU time; wall: elapsed time; auto (default): cpu on CPU, wall on a GPU",
+    )
     parser.add_argument("--sweep", action="store_true", help="one table row per size of SWEEP")
     parser.add_argument("--memory", action="store_true", help="also measure each arm's peak step memory (own process)")
     parser.add_argument("--memory-arm", type=int, default=None, help=argparse.SUPPRESS)  # the child of --memory
@@ -176,11 +190,20 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def make_clock(args: argparse.Namespace) -> Callable[[], float]:
+    """The timer of `--clock`: process CPU time or wall time, in seconds."""
+    kind = args.clock if args.clock != "auto" else ("wall" if args.device.startswith("cuda") else "cpu")
+    if kind == "cpu" and args.device.startswith("cuda"):
+        raise SystemExit("--clock cpu measures host work only; on a GPU use wall time (--clock wall or auto).")
+    return time.process_time if kind == "cpu" else time.perf_counter
+
+
 @dataclass
 class PhaseClock:
     """Seconds per phase, accumulated by wrappers the benchmark puts on the trainer's methods (not the library)."""
 
     device: str
+    now: Callable[[], float] = time.perf_counter
     totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def wrap(self, owner, name: str, phase: Callable[[], str] | str) -> None:
@@ -190,12 +213,12 @@ class PhaseClock:
         def timed(*args, **kwargs):
             key = phase() if callable(phase) else phase
             synchronize(self.device)
-            start = time.perf_counter()
+            start = self.now()
             try:
                 return original(*args, **kwargs)
             finally:
                 synchronize(self.device)
-                self.totals[key] += time.perf_counter() - start
+                self.totals[key] += self.now() - start
 
         setattr(owner, name, timed)
 
@@ -253,12 +276,12 @@ class Arm:
         gc.disable()
         try:
             synchronize(self.clock.device)
-            start = time.perf_counter()
+            start = self.clock.now()
             trainer.training_step(trainer.model, next(self.batches), None)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
             synchronize(self.clock.device)
-            seconds = time.perf_counter() - start
+            seconds = self.clock.now() - start
         finally:
             gc.enable()
         self.completion_lengths.update(trainer._metrics["train"]["completions/mean_length"])
@@ -292,12 +315,13 @@ def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     base = build_model(args)
     arms, trace_sizes = [], []
-    with trace_building_timed(clock := PhaseClock(args.device), trace_sizes):
+    now = make_clock(args)
+    with trace_building_timed(clock := PhaseClock(args.device, now), trace_sizes):
         for index, (name, options) in enumerate(ARMS.items()):
             trainer = build_trainer(
                 options, copy.deepcopy(base), args, f"/tmp/moe-grpo-step-time-{os.getpid()}-{index}"
             )
-            arm_clock = clock if options is not None else PhaseClock(args.device)
+            arm_clock = clock if options is not None else PhaseClock(args.device, now)
             instrument(trainer, arm_clock)
             arms.append(Arm(name, trainer, endless_batches(trainer), arm_clock))
         # Every MoE arm shares `clock` for the trace functions; arms run one at a time, so totals never mix.
@@ -375,7 +399,7 @@ def arm_memory(args: argparse.Namespace) -> dict:
 
 
 SIZE_FLAGS = ("hidden", "layers", "experts", "top_k", "expert_size", "prompts", "generations", "completion")
-RUN_FLAGS = ("warmup", "steps", "device", "threads", "dtype")
+RUN_FLAGS = ("warmup", "steps", "device", "threads", "dtype", "clock")
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
@@ -418,6 +442,7 @@ def describe(args: argparse.Namespace) -> str:
         f"{args.expert_size or args.hidden}; {args.prompts} prompts x {args.generations} rollouts x {args.completion} "
         f"tokens per step; {args.device} {args.dtype}"
         + (f", {args.threads} thread(s)" if args.device == "cpu" else "")
+        + f"; clock: {make_clock(args).__name__}"
         + f"; {args.repeats} rounds x {args.steps} steps after "
         f"{args.warmup} warm-up steps per arm"
     )

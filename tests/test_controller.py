@@ -273,6 +273,26 @@ def test_replay_under_gradient_checkpointing_matches_plain_replay(family):
         torch.testing.assert_close(grads[layer], plain_grads[layer], rtol=1e-5, atol=1e-7)
 
 
+def test_checkpoint_recompute_keeps_nothing_of_its_own():
+    """The recompute in backward replays the routes but leaves the forward's captures in place: a recompute capture
+    would keep the recomputed layer's activations alive until the step ends."""
+    model, controller = build()
+    input_ids = random_ids(batch=2, length=6)
+    trace, _ = sample_trace(model, controller, input_ids)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = count_router_calls(model, controller)
+    with controller.step_scope():
+        controller.start_replay(trace)
+        logits = model(input_ids).logits
+        controller.finish_replay()
+        forward = [capture.logits for capture in controller._captures.values()]
+        logits.sum().backward()
+        after = [capture.logits for capture in controller._captures.values()]
+    assert calls[0] == 2 * LAYERS, "the routers did not run again during backward: checkpointing was off"
+    assert len(after) == LAYERS and all(a is f for a, f in zip(after, forward))
+
+
 def test_chunked_replay_with_gradients_is_refused():
     """Under grad, a second replayed call in one trace is an error: checkpoint recompute could not tell calls apart."""
     model, controller = build()

@@ -487,8 +487,12 @@ class RoutingController:
             weights = torch.where(valid[:, None], adapter.mixing_weights(logits, recorded, like=weights), weights)
         else:
             dispatched = top_k
-        # Keyed by (row offset, layer): a checkpoint recompute during backward overwrites, never duplicates.
-        self._captures[(self._chunk_start, layer)] = LayerCapture(logits, recorded, dispatched, top_k, valid)
+        # Keyed by (row offset, layer); the forward's capture is the one the losses read. A checkpoint recompute
+        # during backward routes the same way but keeps nothing: its logits would hold the recomputed layer's graph
+        # (norm and attention activations) alive until the step ends.
+        key = (self._chunk_start, layer)
+        if key not in self._captures:
+            self._captures[key] = LayerCapture(logits, recorded, dispatched, top_k, valid)
         return logits, weights, dispatched
 
     # ------------------------------------------------------------------ training routing
