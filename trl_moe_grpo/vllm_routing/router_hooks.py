@@ -1,0 +1,67 @@
+"""The routing function installed on vLLM's CPU routers: the HF path's selection laws, evaluated inside vLLM.
+
+vLLM's CPU MoE layers (`MoERunner` with a `CPURouter`) call `router.custom_routing_function(hidden_states,
+gating_output, topk, renormalize)` in place of their top-K and expect `(weights, ids)`. The function built here draws
+the experts exactly as `trl_moe_grpo.routing.controller` does for the HF model (the same `gumbel_top_k` / `noisy_top_k`
+on `log_softmax(router logits)`, the softmax-then-top-K families' selection distribution), and gives them the mixing
+weights the router's own rule gives a chosen set (`SoftmaxTopKAdapter.mixing_weights`: `softmax(z)[S]`, renormalized
+when vLLM says so, which it does from the model config's `norm_topk_prob`, always for Mixtral).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..routing.sampling import gumbel_top_k, noisy_top_k
+
+SUPPORTED_MODES = ("sample", "noise", "topk")
+
+RoutingFunction = Callable[[torch.Tensor, torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_routing_function(
+    mode: str,
+    noise_std: float = 1.0,
+    expert_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> RoutingFunction:
+    """Build the `custom_routing_function` for one layer.
+
+    Args:
+        mode (`str`):
+            `sample` (Gumbel-top-K from the selection distribution), `noise` (top-K of Gaussian-perturbed selection
+            log-probabilities) or `topk` (the stock choice, recorded for routing replay).
+        noise_std (`float`):
+            Standard deviation for `noise`.
+        expert_mask (`torch.Tensor`, *optional*):
+            `[experts]` bool, experts allowed for this layer (a text-token modality mask); `None` allows all.
+        generator (`torch.Generator`, *optional*):
+            Randomness source; the global CPU generator when `None` (vLLM seeds it from `seed`).
+
+    Returns:
+        A function `(hidden_states, gating_output, topk, renormalize) -> (weights, ids)`, float32 and int32
+        `[rows, k]`.
+    """
+    if mode not in SUPPORTED_MODES:
+        raise ValueError(f"rollout routing {mode!r} is not one of {SUPPORTED_MODES}.")
+
+    def route(
+        hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        del hidden_states  # the softmax routers' law depends on the logits only
+        log_probs = torch.log_softmax(gating_output.float(), dim=-1)
+        masked = log_probs if expert_mask is None else log_probs.masked_fill(~expert_mask, float("-inf"))
+        if mode == "sample":
+            ids = gumbel_top_k(masked, topk, generator=generator)
+        elif mode == "noise":
+            ids = noisy_top_k(masked, topk, noise_std, generator=generator)
+        else:
+            ids = torch.topk(masked, topk, dim=-1, sorted=True).indices
+        weights = log_probs.gather(-1, ids).exp()  # softmax(z)[S]: the mixing weights use the unmasked router
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids.to(torch.int32)
+
+    return route
