@@ -7,8 +7,9 @@ exactly `--completion` tokens long, in three ways that take turns (rotating orde
 - top-K recorded: the controller records every token's routes (`rollout("topk")`, what R3 rollouts do);
 - sampled: Gumbel-top-K routing, recorded (`rollout("sample")`, MoE-GRPO's rollouts).
 
-Tokens per second is generated tokens (batch x completion) over wall time; the table gives the median over rounds
-and each way's ratio to top-K recorded (target for sampled: >= 0.95) and to stock.
+Tokens per second is generated tokens (batch x completion) over the time of `--clock` (as in `step_time.py`: this
+process's CPU time on CPU, so other load does not move the ratios; wall time on a GPU); the table gives the median
+over rounds and each way's ratio to top-K recorded (target for sampled: >= 0.95) and to stock.
 
     python benchmarks/rollout_throughput.py
     python benchmarks/rollout_throughput.py --device cuda --dtype bfloat16 --hidden 1024 --layers 16 --experts 64
@@ -21,10 +22,9 @@ import argparse
 import contextlib
 import gc
 import statistics
-import time
 
 import torch
-from step_time import build_model, describe, machine, synchronize, write_json
+from step_time import build_model, describe, machine, make_clock, synchronize, write_json
 from step_time import make_parser as step_time_parser
 
 from trl_moe_grpo.routing import RoutingController
@@ -45,9 +45,10 @@ def generate(model, controller: RoutingController | None, way: str, input_ids, a
         context = contextlib.nullcontext()
     else:
         context = controller.rollout("topk" if way == "top-K recorded" else "sample")
+    now = make_clock(args)
     gc.collect()
     synchronize(args.device)
-    start = time.perf_counter()
+    start = now()
     with torch.no_grad(), context:
         output = model.generate(
             input_ids,
@@ -59,7 +60,7 @@ def generate(model, controller: RoutingController | None, way: str, input_ids, a
         )
     synchronize(args.device)
     assert output.shape[1] == input_ids.shape[1] + args.completion
-    return time.perf_counter() - start
+    return now() - start
 
 
 def measure(args: argparse.Namespace) -> dict:
