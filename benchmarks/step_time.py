@@ -32,9 +32,11 @@ Phases:
     python benchmarks/step_time.py --smoke                      # seconds: the tests run this
 
 Memory (`--memory`): each arm trains in a fresh process of this script (arms sharing one process would share the
-allocator's high-water mark, so a later arm would inherit an earlier arm's peak). After the warm-up steps the peak
-is reset (`VmHWM` through `/proc/self/clear_refs` on Linux; `torch.cuda.reset_peak_memory_stats` on a GPU), then
-`--steps` steps run; the step's memory is that peak minus the memory in use before them (weights, optimizer state).
+allocator's high-water mark, so a later arm would inherit an earlier arm's peak), with glibc mapping every large
+allocation on its own (`MALLOC_ENV`) so that the resident size follows the live tensors. After the warm-up steps the
+peak is reset (`VmHWM` through `/proc/self/clear_refs` on Linux; `torch.cuda.reset_peak_memory_stats` on a GPU),
+then `--steps` steps run; the step's memory is that peak minus the memory in use before them (weights, optimizer
+state).
 """
 
 from __future__ import annotations
@@ -398,6 +400,10 @@ def arm_memory(args: argparse.Namespace) -> dict:
     return {"before_mb": before, "peak_mb": peak, "step_mb": peak - before}
 
 
+# glibc serves allocations of 64 KiB and more (every tensor that matters) from their own mappings and returns them on
+# free, so the resident size follows the live tensors instead of the allocator's cached heap (otherwise an arm's
+# "step memory" moves by tens of MiB with allocation order). Linux and glibc only; elsewhere the variable is ignored.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SIZE_FLAGS = ("hidden", "layers", "experts", "top_k", "expert_size", "prompts", "generations", "completion")
 RUN_FLAGS = ("warmup", "steps", "device", "threads", "dtype", "clock")
 
@@ -413,7 +419,11 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
     result = {}
     for index, name in enumerate(ARMS):
         child = subprocess.run(
-            [sys.executable, __file__, *flags, "--memory-arm", str(index)], capture_output=True, text=True, check=False
+            [sys.executable, __file__, *flags, "--memory-arm", str(index)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, **MALLOC_ENV},
         )
         if child.returncode != 0:
             raise RuntimeError(f"The memory run of {name!r} failed:\n{child.stdout[-2000:]}{child.stderr[-2000:]}")
