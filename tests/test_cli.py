@@ -37,6 +37,10 @@ FAILURES = {
         "--num-samples and --batch-size must be at least 1",
     ),
     "upcycle": (lambda tmp: ["upcycle", "--preset", "nope", "--dry-run"], "internvl3_5-1b"),
+    "evaluate-clip": (
+        lambda tmp: ["evaluate-clip", "m", "--dataset", "a", "--dataset", "b", "--class-names", "x,y"],
+        "`--class-names` applies to one dataset",
+    ),
 }
 
 

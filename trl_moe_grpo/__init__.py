@@ -22,6 +22,11 @@ __version__ = "0.1.0"
 
 # Public names and the modules they live in: imported on first use, so `trl-moe-grpo --help` stays fast.
 _LAZY = {
+    "CLIPDetFTConfig": "clip_moe",
+    "CLIPDetFTTrainer": "clip_moe",
+    "CLIPMoEGRPOConfig": "clip_moe",
+    "CLIPMoEGRPOTrainer": "clip_moe",
+    "CLIPMoeModel": "clip_moe",
     "MoEGRPOConfig": "grpo_config",
     "MoEGRPOError": "errors",
     "MoEGRPOTrainer": "grpo_trainer",
@@ -33,6 +38,11 @@ _LAZY = {
 }
 
 __all__ = [
+    "CLIPDetFTConfig",
+    "CLIPDetFTTrainer",
+    "CLIPMoEGRPOConfig",
+    "CLIPMoEGRPOTrainer",
+    "CLIPMoeModel",
     "ModalityStatistics",
     "MoEGRPOConfig",
     "MoEGRPOError",
@@ -45,6 +55,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .clip_moe import CLIPDetFTConfig, CLIPDetFTTrainer, CLIPMoEGRPOConfig, CLIPMoEGRPOTrainer, CLIPMoeModel
     from .errors import MoEGRPOError
     from .grpo_config import MoEGRPOConfig
     from .grpo_trainer import MoEGRPOTrainer

@@ -3,13 +3,17 @@
 - `modeling.py`   CLIP-MoE: transformers' CLIP with MoE MLPs in the vision encoder (registered with the Auto classes)
 - `upcycle.py`    CLIP -> CLIP-MoE (`copy`, `noise`, `drop` experts)
 - `classify.py`   zero-shot classification: class-prompt embeddings, image logits, datasets to pixel values
-- `trainer.py`    `CLIPMoEGRPOConfig`/`CLIPMoEGRPOTrainer` (MoE-GRPO) and `CLIPDetFTConfig`/`CLIPDetFTTrainer` (Det-FT)
+- `rewards.py`    the classification reward and group-relative advantages
+- `config.py`     `CLIPMoEGRPOConfig` (MoE-GRPO) and `CLIPDetFTConfig` (Det-FT)
+- `trainer.py`    `CLIPMoEGRPOTrainer` and `CLIPDetFTTrainer`, `transformers.Trainer` subclasses
 - `evaluation.py` top-1 accuracy per dataset, cross-dataset and shifted-domain tables
 - `images.py`     generated image-caption and classification data of the miniature
 - `tiny.py`       a tiny CLIP built locally, and its contrastive pre-training
 """
 
 from . import modeling  # registers the CLIP-MoE classes with AutoConfig / AutoModel
+from .config import CLIPDetFTConfig, CLIPMoEGRPOConfig
+from .evaluation import evaluate_datasets, zero_shot_accuracy
 from .modeling import (
     CLIPMoeConfig,
     CLIPMoeExperts,
@@ -20,9 +24,14 @@ from .modeling import (
     CLIPMoeVisionModel,
     vision_encoder,
 )
+from .trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
 from .upcycle import CLIPUpcycleResult, upcycle_clip, upcycle_clip_model
 
 __all__ = [
+    "CLIPDetFTConfig",
+    "CLIPDetFTTrainer",
+    "CLIPMoEGRPOConfig",
+    "CLIPMoEGRPOTrainer",
     "CLIPMoeConfig",
     "CLIPMoeExperts",
     "CLIPMoeModel",
@@ -31,8 +40,10 @@ __all__ = [
     "CLIPMoeVisionConfig",
     "CLIPMoeVisionModel",
     "CLIPUpcycleResult",
+    "evaluate_datasets",
     "modeling",
     "upcycle_clip",
     "upcycle_clip_model",
     "vision_encoder",
+    "zero_shot_accuracy",
 ]

@@ -85,6 +85,13 @@ class CLIPMoEGRPOConfig(CLIPClassificationConfig):
     Configuration of [`CLIPMoEGRPOTrainer`]: every parameter of [`CLIPClassificationConfig`], plus the ones below.
 
     Parameters:
+        train_parameters (`str`, *optional*, defaults to `"routers"`):
+            As in [`CLIPClassificationConfig`], but the routers by default: the routing is the policy. Gate-GRPO's
+            gradient also reaches the rest of the vision tower through the hidden states the routers read, but the
+            reward depends on those weights directly too (through the image embedding), which the policy gradient does
+            not see; with no token loss to hold the embedding in place, training the whole tower with it alone
+            degraded accuracy in the miniature (`docs/results-clip.md`, the whole-vision-tower ablation).
+
         > Rollouts
 
         num_generations (`int`, *optional*, defaults to `8`):
@@ -108,6 +115,10 @@ class CLIPMoEGRPOConfig(CLIPClassificationConfig):
             or `"patches"` (the patch tokens only). Every token is routed either way.
     """
 
+    train_parameters: Literal["vision", "routers"] = field(
+        default="routers",
+        metadata={"help": "What trains: 'routers' (the MoE routers: the policy, default) or 'vision' (the tower)."},
+    )
     num_generations: int = field(
         default=8,
         metadata={"help": "G: sampled-routing forward passes of the vision encoder per image."},

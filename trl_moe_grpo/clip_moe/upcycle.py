@@ -69,6 +69,11 @@ def moe_config_from_clip(
             f"Cannot upcycle a `{getattr(dense_config, 'model_type', type(dense_config).__name__)}` into CLIP-MoE: "
             "the source must be a dense transformers CLIP (`model_type` 'clip', `CLIPModel`)."
         )
+    if num_experts < 2 or not 1 <= top_k <= num_experts:
+        raise MoEGRPOError(
+            f"num_experts={num_experts}, top_k={top_k}: an MoE needs at least 2 experts and 1 <= top_k <= "
+            "num_experts (the paper uses 8 and 2)."
+        )
     values = dense_config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
         values.pop(key, None)
