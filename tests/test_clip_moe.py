@@ -193,3 +193,13 @@ def test_upcycle_command_converts_a_clip(dense, tmp_path, capsys):
     # An existing model is not overwritten without --overwrite: a one-line error, exit code 2.
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_upcycling_seed_changes_the_experts_and_routers(dense):
+    """Each seed of the miniature upcycles its own CLIP-MoE (the expert noise and routers follow `seed`)."""
+    model = dense[0]
+    first, again, other = (upcycle_clip_model(model, 4, 2, "noise", noise_std=0.3, seed=s) for s in (0, 0, 1))
+    experts = [m.vision_model.encoder.layers[0].mlp for m in (first, again, other)]
+    assert torch.equal(experts[0].experts.fc1, experts[1].experts.fc1)
+    assert not torch.equal(experts[0].experts.fc1, experts[2].experts.fc1)
+    assert not torch.equal(experts[0].gate.weight, experts[2].gate.weight)

@@ -75,8 +75,12 @@ class ExpertInit:
             )
 
     def generator(self, name: str) -> torch.Generator:
-        """A generator seeded by `seed` and `name` (a checkpoint key), independent of the order tensors come in."""
-        return torch.Generator().manual_seed((self.seed << 32) + zlib.crc32(name.encode()))
+        """A generator seeded by `seed` and `name` (a checkpoint key), independent of the order tensors come in.
+
+        The CPU generator keeps only the low 32 bits of its seed, so `seed` and the name's CRC are mixed into 32
+        bits (`seed=0` gives the name's CRC, as before this mixing).
+        """
+        return torch.Generator().manual_seed((zlib.crc32(name.encode()) + self.seed * 0x9E3779B1) % 2**32)
 
     def expert(self, dense: torch.Tensor, proj: str, expert_key: str, neuron_key: str) -> torch.Tensor:
         """One expert's weight for one projection, from the dense MLP's weight `dense`.
