@@ -190,6 +190,8 @@ def test_upcycle_command_converts_a_clip(dense, tmp_path, capsys):
     assert loaded.config.vision_config.num_experts == 4
     torch.testing.assert_close(embeds(loaded, images(2)), embeds(model, images(2)), rtol=0, atol=1e-5)
     assert {"tokenizer.json", "preprocessor_config.json"} <= set(os.listdir(output))
+    assert main(["upcycle", str(source), "--num-experts", "4", "--dry-run"]) == 0
+    assert "clip -> clip_moe (4 experts, top-2): parameters dense" in capsys.readouterr().out
     # An existing model is not overwritten without --overwrite: a one-line error, exit code 2.
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err

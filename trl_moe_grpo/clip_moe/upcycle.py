@@ -242,6 +242,21 @@ def upcycle_clip(
     )
 
 
+def clip_parameter_summary(source: str, num_experts: int = 8, top_k: int = 2) -> str:
+    """Dense, MoE-total and active parameter counts of upcycling the CLIP in `source`, built on the meta device."""
+    from transformers import AutoConfig
+
+    dense_config = AutoConfig.from_pretrained(source)
+    config = moe_config_from_clip(dense_config, num_experts, top_k)
+    with torch.device("meta"):
+        dense, moe = CLIPModel(dense_config), CLIPMoeModel(config)
+    return (
+        f"clip -> clip_moe ({num_experts} experts, top-{top_k}): parameters dense "
+        f"{sum(p.numel() for p in dense.parameters()):,}, MoE total {sum(p.numel() for p in moe.parameters()):,}, "
+        f"active per token {active_parameters(moe):,}"
+    )
+
+
 def active_parameters(model: CLIPMoeModel) -> int:
     """Parameters one token uses: everything except the experts a top-K token does not visit."""
     vision = model.config.vision_config

@@ -40,9 +40,15 @@ class UpcycleCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
+        from ..clip_moe.upcycle import is_clip_folder
         from ..errors import MoEGRPOError
         from ..upcycle import parameter_report, upcycle
 
+        if args.dry_run and args.source is not None and is_clip_folder(args.source):
+            from ..clip_moe.upcycle import clip_parameter_summary
+
+            print(clip_parameter_summary(args.source, args.num_experts, args.top_k))
+            return 0
         if args.dry_run:
             report = parameter_report(args.source, args.num_experts, args.top_k, preset=args.preset)
             print(report.format_table())
@@ -51,8 +57,6 @@ class UpcycleCommand(Command):
             raise MoEGRPOError("A preset holds a config, no weights: use it with --dry-run, or pass SOURCE.")
         if args.source is None or args.output is None:
             raise MoEGRPOError("Pass SOURCE and --output DIR (or --dry-run to only count parameters).")
-        from ..clip_moe.upcycle import is_clip_folder
-
         if is_clip_folder(args.source):  # CLIP -> CLIP-MoE: the vision encoder's MLPs become experts
             from ..clip_moe.upcycle import upcycle_clip
 
