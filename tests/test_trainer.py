@@ -1,5 +1,6 @@
 """MoEGRPOTrainer end to end on tiny models: equivalence with TRL, gradients, rollouts, metrics, errors."""
 
+import importlib.util
 import math
 
 import pytest
@@ -393,6 +394,15 @@ def test_model_card_cites_moe_grpo():
     assert "id" not in MoEGRPOTrainer._paper  # no arXiv id is known: the card cites the paper without a link
 
 
-def test_vllm_with_sampled_routing_is_explained(tmp_path):
-    with pytest.raises(MoEGRPOError, match="use_vllm=False"):
-        make_config(tmp_path, use_vllm=True)
+def test_vllm_server_mode_is_explained(tmp_path):
+    with pytest.raises(MoEGRPOError, match="vllm_mode='server'.*not supported.*vllm_mode='colocate'"):
+        make_config(tmp_path, use_vllm=True, vllm_mode="server")
+
+
+def test_vllm_without_vllm_installed_is_explained(tmp_path, tokenizer, dataset):
+    """The main environment has no vLLM (the vLLM suite, tests_vllm/, runs in its own environment)."""
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    args = make_config(tmp_path, use_vllm=True)
+    with pytest.raises(MoEGRPOError, match="vLLM is not installed.*vllm_env.sh.*use_vllm=False"):
+        MoEGRPOTrainer(tiny_moe_model(), digit_share, args=args, train_dataset=dataset, processing_class=tokenizer)

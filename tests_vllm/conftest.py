@@ -14,13 +14,17 @@ import torch
 
 from trl_moe_grpo.testing import build_char_tokenizer, tiny_moe_config, tiny_moe_model
 
+# vLLM's CPU attention needs a head dim of 32, 64, ...; its CPU experts pad the expert width to a multiple of 32, and
+# its in-place weight reload (the trainer's weight sync) fails on padded experts, so real models' aligned widths.
+VLLM_SIZES = {"qwen3_moe": dict(head_dim=32, moe_intermediate_size=32), "mixtral": dict(head_dim=32)}
 
-def save_vllm_tiny_moe(path: str, family: str = "qwen3_moe") -> str:
-    """The project's tiny MoE with head_dim 32 (vLLM's CPU attention needs one of 32, 64, ...), saved in bf16.
+
+def save_vllm_tiny_moe(path: str, family: str = "qwen3_moe", seed: int = 0) -> str:
+    """The project's tiny MoE of `family` with vLLM-compatible sizes, saved in bf16 with the character tokenizer.
 
     Saved in bf16 so vLLM (bf16 on CPU) and the HF reference read the same weights.
     """
-    model = tiny_moe_model(family, config=tiny_moe_config(family, head_dim=32)).to(torch.bfloat16)
+    model = tiny_moe_model(family, seed=seed, config=tiny_moe_config(family, **VLLM_SIZES[family])).to(torch.bfloat16)
     model.save_pretrained(path)
     build_char_tokenizer().save_pretrained(path)
     return path

@@ -9,6 +9,7 @@ from trl import GRPOConfig
 
 from .errors import MoEGRPOError
 from .losses import GATE_LOSS_TYPES
+from .vllm_routing.options import check_vllm_generation_options
 
 
 @dataclass
@@ -81,6 +82,9 @@ class MoEGRPOConfig(GRPOConfig):
     per layer, with the expert load of the whole generation batch, so gradient accumulation does not change it (see
     [`MoEGRPOTrainer`] for how it differs from transformers' auxiliary loss). Under `mask_truncated_completions=True`,
     truncated rollouts are left out of Gate-GRPO entirely, prompt included.
+
+    With `use_vllm=True` (`vllm_mode="colocate"`, text-only MoE models, the vLLM versions of `docs/vllm.md`), the
+    rollouts' routing is sampled and recorded inside vLLM with the same laws, and replayed in training as above.
 
     > [!NOTE]
     > These defaults restate the paper's setting: `num_generations=8` and no KL term (`beta=0.0`).
@@ -194,15 +198,8 @@ class MoEGRPOConfig(GRPOConfig):
                 "Gate-GRPO weighs each (token, layer) routing decision on its own and needs "
                 "`importance_sampling_level='token'`; set it, or `gate_loss_coef=0`."
             )
-        if self.use_vllm and (self.rollout_routing != "topk" or self.routing_replay):
-            raise MoEGRPOError(
-                "`use_vllm=True` is not supported with sampled routing or routing replay yet: vLLM neither samples "
-                "experts nor returns the routes it took. Set `use_vllm=False` (transformers generation, which "
-                "supports both), or `rollout_routing='topk'`, `routing_replay=False`, `gate_loss_coef=0` for plain "
-                "GRPO."
-            )
-        if self.use_vllm and self.gate_loss_coef > 0:
-            raise MoEGRPOError("Gate-GRPO needs recorded routes, which vLLM does not return: set `gate_loss_coef=0`.")
+        if self.use_vllm:  # vLLM rollouts sample and record the routes inside the engine (docs/vllm.md)
+            check_vllm_generation_options(self.vllm_mode, self.vllm_tensor_parallel_size, self.vllm_enable_sleep_mode)
         if self.use_transformers_continuous_batching:
             raise MoEGRPOError(
                 "Continuous-batching (paged) generation packs sequences in a way routing traces cannot follow yet. "

@@ -45,6 +45,7 @@ from .routing import RoutingController, pad_routes, split_rollout_routes
 from .routing.controller import LayerCapture
 from .routing_analysis import RoutingAnalysis
 from .trainer_common import MoETrainerMixin, peft_config_training_routers, resolve_args
+from .vllm_routing.options import refuse_vision_language_model
 from .zero3 import gathered_parameters
 
 logger = logging.get_logger(__name__)
@@ -127,7 +128,14 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 )
         if kwargs.get("peft_config") is not None:
             kwargs["peft_config"] = peft_config_training_routers(kwargs["peft_config"], model, args)
-        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        building = contextlib.nullcontext()
+        if args.use_vllm:  # TRL builds the engine in its __init__: ours samples and records routes (docs/vllm.md)
+            from .vllm_routing.generation import routed_vllm_generation
+
+            refuse_vision_language_model(model)
+            building = routed_vllm_generation()
+        with building:
+            super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         self._refuse_reentrant_checkpointing()
         if self._is_vlm and self._tokenizer.padding_side != "left":
             # TRL left-pads the prompt ids itself but re-runs the processor for the training forward's per-token
@@ -152,9 +160,10 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 "routers, or set `gate_loss_coef=0`."
             )
 
-        self._greedy_decoding = self._greedy(self.generation_config, self.generation_kwargs)
-        if args.greedy_decoding:
-            self.generation_config, self.generation_kwargs = self._greedy_decoding
+        if not args.use_vllm:  # vLLM decodes greedily through `MoEVLLMGeneration.greedy` instead
+            self._greedy_decoding = self._greedy(self.generation_config, self.generation_kwargs)
+            if args.greedy_decoding:
+                self.generation_config, self.generation_kwargs = self._greedy_decoding
 
         self._batch_routes: torch.Tensor | None = None  # the trace the next forward replays
         self._scoring_rollouts = False  # inside `_generate_and_score_completions`
@@ -262,6 +271,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         routing = self.args.rollout_routing if self.model.training else "topk"  # evaluation routes like inference
+        if self.use_vllm:
+            return self._generate_single_turn_vllm(routing, prompt_ids, images, multimodal_fields, num_generations)
         with self.routing.rollout(routing, self.args.routing_noise_std) as recording, self._decoding():
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -269,6 +280,20 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         prompt_routes, completion_routes = split_rollout_routes(
             recording, [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids]
         )
+        self._batch_routes = pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(
+            self.accelerator.device
+        )
+        return completion_ids, logprobs
+
+    def _generate_single_turn_vllm(self, routing, prompt_ids, images, multimodal_fields, num_generations):
+        """vLLM rollouts: the routes are sampled and recorded inside the engine (`vllm_routing.generation`)."""
+        generation = self.vllm_generation
+        generation.rollout_routing, generation.routing_noise_std = routing, self.args.routing_noise_std
+        generation.greedy = self.args.greedy_decoding or (not self.model.training and self.args.greedy_eval)
+        completion_ids, logprobs = super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations
+        )
+        prompt_routes, completion_routes = (list(routes) for routes in zip(*generation.last_routes, strict=True))
         self._batch_routes = pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(
             self.accelerator.device
         )

@@ -70,11 +70,15 @@ class VLLMRouting:
         model.register_forward_pre_hook(before_forward, with_kwargs=True)
 
     def _routing_function(self, layer: int):
+        built: dict[tuple, Any] = {}  # the function for the current (mode, noise, mask), rebuilt when they change
+
         def route(hidden_states, gating_output, topk, renormalize):
-            mask = None if self.expert_masks is None else self.expert_masks[layer].to(gating_output.device)
-            weights, ids = make_routing_function(self.mode, self.noise_std, mask)(
-                hidden_states, gating_output, topk, renormalize
-            )
+            key = (self.mode, self.noise_std, id(self.expert_masks))
+            if key not in built:
+                mask = None if self.expert_masks is None else self.expert_masks[layer].to(gating_output.device)
+                built.clear()
+                built[key] = make_routing_function(self.mode, self.noise_std, mask)
+            weights, ids = built[key](hidden_states, gating_output, topk, renormalize)
             if self.book is not None:
                 self.book.record(layer, ids)
             return weights, ids

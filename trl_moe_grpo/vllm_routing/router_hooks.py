@@ -51,15 +51,18 @@ def make_routing_function(
         hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         del hidden_states  # the softmax routers' law depends on the logits only
-        log_probs = torch.log_softmax(gating_output.float(), dim=-1)
-        masked = log_probs if expert_mask is None else log_probs.masked_fill(~expert_mask, float("-inf"))
+        logits = gating_output.float()
+        # The selection log-probabilities are `log_softmax(z + m) = z + m - c` per row: the three draws below are
+        # invariant to the row constant `c`, so they run on `z + m` and skip a log-softmax per router call (the
+        # same draws, for the same noise, as on the HF path's log-probabilities).
+        masked = logits if expert_mask is None else logits.masked_fill(~expert_mask, float("-inf"))
         if mode == "sample":
             ids = gumbel_top_k(masked, topk, generator=generator)
         elif mode == "noise":
             ids = noisy_top_k(masked, topk, noise_std, generator=generator)
         else:
             ids = torch.topk(masked, topk, dim=-1, sorted=True).indices
-        weights = log_probs.gather(-1, ids).exp()  # softmax(z)[S]: the mixing weights use the unmasked router
+        weights = torch.softmax(logits, dim=-1).gather(-1, ids)  # softmax(z)[S]: the unmasked router's weights
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids.to(torch.int32)
