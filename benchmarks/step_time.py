@@ -385,7 +385,8 @@ def in_use_mb(device: str) -> float:
 
 
 def arm_memory(args: argparse.Namespace) -> dict:
-    """Run in a child process: one arm's memory in use before its steps and its peak during them, MiB."""
+    """Run in a child process: one arm's memory in use before its steps, and its peaks during them (MiB) over the
+    generation, forward and backward (`training_step`) and over the whole step (with the optimizer's update)."""
     name, options = list(ARMS.items())[args.memory_arm]
     trainer = build_trainer(options, build_model(args), args, f"/tmp/moe-grpo-step-memory-{os.getpid()}")
     arm = Arm(name, trainer, endless_batches(trainer), PhaseClock(args.device))
@@ -393,11 +394,20 @@ def arm_memory(args: argparse.Namespace) -> dict:
         arm.step()
     gc.collect()
     before = in_use_mb(args.device)
-    reset_peak(args.device)
+    training_step_peak = peak = 0.0
     for _ in range(args.steps):
-        arm.step()
-    peak = peak_mb(args.device)
-    return {"before_mb": before, "peak_mb": peak, "step_mb": peak - before}
+        reset_peak(args.device)
+        trainer.training_step(trainer.model, next(arm.batches), None)
+        training_step_peak = max(training_step_peak, peak_mb(args.device))
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        peak = max(peak, peak_mb(args.device))
+    return {
+        "before_mb": before,
+        "peak_mb": peak,
+        "step_mb": peak - before,
+        "training_step_mb": training_step_peak - before,
+    }
 
 
 # glibc serves allocations of 64 KiB and more (every tensor that matters) from their own mappings and returns them on
@@ -409,7 +419,8 @@ RUN_FLAGS = ("warmup", "steps", "device", "threads", "dtype", "clock")
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
-    """Each arm in a fresh process of this script, at the size of `args`: `{arm: {before_mb, peak_mb, step_mb}}`."""
+    """Each arm in a fresh process of this script, at the size of `args`: `{arm: {before_mb, peak_mb, step_mb,
+    training_step_mb}}`."""
     flags = [
         item
         for key in SIZE_FLAGS + RUN_FLAGS
@@ -432,14 +443,18 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def format_memory(memory: dict[str, dict]) -> str:
-    reference = memory["trl.GRPOTrainer"]["step_mb"]
+    reference = memory["trl.GRPOTrainer"]
+
+    def cell(m: dict, key: str) -> str:
+        return f"{m[key]:.0f} ({m[key] / reference[key]:.3f}x)" if reference[key] > 0 else f"{m[key]:.0f}"
+
     lines = [
-        "| arm | in use before the steps, MiB | peak, MiB | step memory (peak - before), MiB | x GRPOTrainer |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| arm | in use before the steps, MiB | generation + forward + backward, MiB above that (x GRPOTrainer) | "
+        "whole step with the optimizer, MiB above (x GRPOTrainer) |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for name, m in memory.items():
-        ratio = m["step_mb"] / reference if reference > 0 else float("nan")
-        lines.append(f"| {name} | {m['before_mb']:.0f} | {m['peak_mb']:.0f} | {m['step_mb']:.0f} | {ratio:.3f} |")
+        lines.append(f"| {name} | {m['before_mb']:.0f} | {cell(m, 'training_step_mb')} | {cell(m, 'step_mb')} |")
     return "\n".join(lines)
 
 
@@ -533,14 +548,14 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(ARMS)[1:]
     columns = [f"{n}: x GRPOTrainer" for n in names]
     if args.memory:
-        columns += [f"{n}: step memory x GRPOTrainer" for n in names]
+        columns += [f"{n}: memory (generation, forward, backward) x GRPOTrainer" for n in names]
     print("\n| size | " + " | ".join(columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for label, result in rows.items():
         cells = [spread(result["arms"][n]["ratios"]) for n in names]
         if args.memory:
-            reference = result["memory"]["trl.GRPOTrainer"]["step_mb"]
-            cells += [f"{result['memory'][n]['step_mb'] / reference:.3f}" for n in names]
+            reference = result["memory"]["trl.GRPOTrainer"]["training_step_mb"]
+            cells += [f"{result['memory'][n]['training_step_mb'] / reference:.3f}" for n in names]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(machine())
     write_json(

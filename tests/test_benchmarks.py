@@ -42,6 +42,8 @@ def test_step_time_runs_every_arm_on_equal_tokens(tmp_path):
     for name, memory in result["memory"].items():
         assert 0 < memory["before_mb"] <= memory["peak_mb"], name
         assert memory["step_mb"] == memory["peak_mb"] - memory["before_mb"], name
+        # The kernel's resident-size counters lag by up to 64 pages per thread: allow 1 MiB at this tiny size.
+        assert -1 <= memory["training_step_mb"] <= memory["step_mb"] + 1, name
 
 
 def test_rollout_throughput_compares_sampled_with_top_k(tmp_path):
