@@ -36,26 +36,47 @@ import torch
 
 from trl_moe_grpo.clip_moe.config import CLIPDetFTConfig, CLIPMoEGRPOConfig
 from trl_moe_grpo.clip_moe.evaluation import evaluate_suites, format_table, suite_datasets
-from trl_moe_grpo.clip_moe.images import CROSS_DATASET, DOMAINS, SOURCE, SUITES, classification_dataset
+from trl_moe_grpo.clip_moe.images import CROSS_DATASET, DOMAINS, SOURCE, SUITES, caption_pairs, classification_dataset
+from trl_moe_grpo.clip_moe.multiplet import diversified_multiplet_upcycle
 from trl_moe_grpo.clip_moe.trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
 from trl_moe_grpo.clip_moe.upcycle import upcycle_clip_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# Trained arms: (method, what trains). The last two are ablations of what trains.
+# The untouched CLIP-MoEs: `noise` upcycling (the main table) and Diversified Multiplet Upcycling (4 experts).
+BASES = {"CLIP-MoE": "noise", "CLIP-MoE (DMU)": "dmu"}
+# Trained arms: (method, what trains, base). "routers only" and "whole vision tower" are ablations of what trains.
 TRAINED = {
-    "+ Det-FT": ("detft", "vision"),
-    "+ MoE-GRPO": ("grpo", "routers"),
-    "+ Det-FT, routers only": ("detft", "routers"),
-    "+ MoE-GRPO, whole vision tower": ("grpo", "vision"),
+    "+ Det-FT": ("detft", "vision", "CLIP-MoE"),
+    "+ MoE-GRPO": ("grpo", "routers", "CLIP-MoE"),
+    "+ Det-FT, routers only": ("detft", "routers", "CLIP-MoE"),
+    "+ MoE-GRPO, whole vision tower": ("grpo", "vision", "CLIP-MoE"),
+    "+ Det-FT (DMU)": ("detft", "vision", "CLIP-MoE (DMU)"),
+    "+ MoE-GRPO (DMU)": ("grpo", "routers", "CLIP-MoE (DMU)"),
 }
-ARMS = ("CLIP (dense, reference)", "CLIP-MoE", *TRAINED)
+DENSE = "CLIP (dense, reference)"
 COMPARISONS = (
     ("+ MoE-GRPO", "+ Det-FT"),
     ("+ MoE-GRPO", "CLIP-MoE"),
     ("+ Det-FT", "CLIP-MoE"),
     ("+ MoE-GRPO", "+ Det-FT, routers only"),
     ("+ MoE-GRPO, whole vision tower", "CLIP-MoE"),
+    ("+ MoE-GRPO (DMU)", "+ Det-FT (DMU)"),
+    ("+ MoE-GRPO (DMU)", "CLIP-MoE (DMU)"),
+    ("+ Det-FT (DMU)", "CLIP-MoE (DMU)"),
+    ("CLIP-MoE (DMU)", "CLIP-MoE"),
 )
+
+
+def arms(dmu: bool) -> list[str]:
+    """Every row of the tables, in order: the dense CLIP, then each base followed by its trained arms."""
+    rows = [DENSE]
+    for base in BASES:
+        if base == "CLIP-MoE (DMU)" and not dmu:
+            continue
+        rows += [base, *(arm for arm, (_, _, of) in TRAINED.items() if of == base)]
+    return rows
+
+
 PAPER = {
     "table2": "MoE-GRPO +3.1 average over Det-FT; Det-FT's average falls below the untouched CLIP-MoE's.",
     "table3": "MoE-GRPO +4.1 average over CLIP-MoE and +1.5 over Det-FT; Det-FT loses 0.4 on the sketch domain.",
@@ -76,6 +97,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpo-lr", type=float, default=3e-4, help="same, for MoE-GRPO's whole-tower ablation")
     parser.add_argument("--router-lr", type=float, default=1e-2, help="router learning rate of both trainers")
     parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--no-dmu", action="store_true", help="skip the Diversified Multiplet Upcycling arms")
+    parser.add_argument("--dmu-experts", type=int, default=4, help="MCL stages = experts of the DMU CLIP-MoE")
+    parser.add_argument("--dmu-pairs", type=int, default=6000, help="generated image-caption pairs for DMU")
+    parser.add_argument("--dmu-batch-size", type=int, default=64)
     parser.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight of both trainers")
     parser.add_argument("--eval-per-class", type=int, default=60, help="held-out images per class and dataset")
     parser.add_argument("--threads", type=int, default=1)
@@ -86,7 +111,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def train_arm(arm: str, model, tokenizer, image_processor, train, args, seed: int, output_dir: str):
-    method, trains = TRAINED[arm]
+    method, trains, _ = TRAINED[arm]
     common = dict(
         train_parameters=trains,
         output_dir=output_dir,
@@ -142,6 +167,7 @@ def main() -> None:
     if args.smoke:
         args.seeds, args.shots, args.epochs, args.eval_per_class = args.seeds[:1], 2, 1.0, 4
         args.batch_size, args.num_generations = 8, 4
+        args.dmu_pairs, args.dmu_batch_size = 400, 16
     torch.set_num_threads(args.threads)
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -155,22 +181,37 @@ def main() -> None:
     def evaluate(model) -> dict[str, float]:
         return evaluate_suites(model, tokenizer, image_processor, names, datasets=eval_sets)
 
-    results = {arm: [] for arm in ARMS}
-    histories, seconds = {arm: [] for arm in TRAINED}, {arm: [] for arm in TRAINED}
+    rows = arms(not args.no_dmu)
+    results = {arm: [] for arm in rows}
+    trained = [arm for arm in rows if arm in TRAINED]
+    histories, seconds = {arm: [] for arm in trained}, {arm: [] for arm in trained}
+    seconds["DMU upcycling"] = []
     dense_accuracy = evaluate(dense)
     for seed in args.seeds:
-        results[ARMS[0]].append(dense_accuracy)
-        upcycled = upcycle_clip_model(
-            dense, args.num_experts, args.top_k, "noise", noise_std=args.noise_std, seed=seed
-        ).eval()
-        results["CLIP-MoE"].append(evaluate(upcycled))
+        results[DENSE].append(dense_accuracy)
+        bases = {
+            "CLIP-MoE": upcycle_clip_model(
+                dense, args.num_experts, args.top_k, "noise", noise_std=args.noise_std, seed=seed
+            ).eval()
+        }
+        if not args.no_dmu:
+            dmu_start = time.time()
+            images, captions = caption_pairs(args.dmu_pairs, seed=10_000 + seed)  # not the pre-training draw
+            bases["CLIP-MoE (DMU)"], _ = diversified_multiplet_upcycle(
+                dense, tokenizer, image_processor, images, captions, args.dmu_experts, args.top_k,
+                batch_size=args.dmu_batch_size, seed=seed,
+            )  # fmt: skip
+            seconds["DMU upcycling"].append(time.time() - dmu_start)
+        for base, model in bases.items():
+            results[base].append(evaluate(model))
         train = classification_dataset(SOURCE, args.shots, seed=seed)
-        for arm in TRAINED:
+        for arm in trained:
             arm_start = time.time()
             with tempfile.TemporaryDirectory() as output_dir:
                 model, history = train_arm(
-                    arm, copy.deepcopy(upcycled), tokenizer, image_processor, train, args, seed, output_dir
-                )
+                    arm, copy.deepcopy(bases[TRAINED[arm][2]]), tokenizer, image_processor, train, args, seed,
+                    output_dir,
+                )  # fmt: skip
             seconds[arm].append(time.time() - arm_start)
             histories[arm].append(history)
             results[arm].append(evaluate(model))
@@ -226,7 +267,7 @@ def summarize(results, args, histories, seconds, total) -> dict:
             arm_stats["average"] = averages
             rows[arm], stats[arm] = cells, arm_stats
         comparisons = {}
-        for a, b in COMPARISONS:
+        for a, b in (pair for pair in COMPARISONS if pair[0] in results and pair[1] in results):
             comparisons[f"{a} vs {b}"] = {
                 column: paired(stats[a][column], stats[b][column]) for column in (SOURCE, *columns, "average")
             }
@@ -245,7 +286,14 @@ def summarize(results, args, histories, seconds, total) -> dict:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", f"Paper: {PAPER[key]}", ""]
         verdicts = [f"{name}: {per_column['average']['verdict']}" for name, per_column in comparisons.items()]
-        lines += ["Here (average column): " + "; ".join(verdicts) + ".", ""]
+        lines += ["Here (average column): " + "; ".join(verdicts) + "."]
+        if key == "table3":
+            sketch = comparisons["+ Det-FT vs CLIP-MoE"]["shapes-sketch"]
+            lines += [
+                f"Here (sketch domain, the paper's -0.4): + Det-FT vs CLIP-MoE {sketch['mean']:+.1f} ± "
+                f"{sketch['se']:.1f}, {sketch['verdict']}."
+            ]
+        lines += [""]
 
     header = [
         "# CLIP-MoE image classification with MoE-GRPO: a miniature of Tables 2-3",
@@ -262,13 +310,16 @@ def summarize(results, args, histories, seconds, total) -> dict:
         f"(Det-FT) and {args.grpo_lr:g} (MoE-GRPO's whole-tower ablation); MoE-GRPO with G={args.num_generations} "
         f"sampled routings per image; {args.eval_per_class} held-out images per class and dataset. Whole run: "
         f"{total / 60:.1f} min on {args.threads} thread(s) ("
-        + ", ".join(f"{arm} {statistics.fmean(secs):.0f} s" for arm, secs in seconds.items())
-        + " of training per seed).",
+        + ", ".join(f"{arm} {statistics.fmean(secs):.0f} s" for arm, secs in seconds.items() if secs)
+        + " per seed).",
         "",
         "Arms: `+ Det-FT` fine-tunes the vision tower (and its projection) with cross-entropy on the zero-shot logits "
         "under top-K routing; `+ MoE-GRPO` trains the routers with Gate-GRPO on sampled, replayed routes (the "
         "trainer's default: the routing is the policy; there are no text tokens, so no token loss). Two ablations "
-        "separate what trains from how: `+ Det-FT, routers only` and `+ MoE-GRPO, whole vision tower`. The "
+        "separate what trains from how: `+ Det-FT, routers only` and `+ MoE-GRPO, whole vision tower`. "
+        f"`CLIP-MoE (DMU)` is the CLIP-MoE paper's Diversified Multiplet Upcycling ({args.dmu_experts} experts, "
+        f"top-{args.top_k}; `trl_moe_grpo.clip_moe.multiplet`) on {args.dmu_pairs} generated image-caption pairs "
+        "per seed (not the pre-training draw), with its own Det-FT and MoE-GRPO arms. The "
         "learning rates were chosen from one-pair-of-seeds trial runs at 1e-4, 3e-4 and 1e-3 on these same "
         "evaluation sets (there is no separate validation split), so read small gaps with that in mind.",
         "",

@@ -194,6 +194,10 @@ def test_evaluate_clip_command(shapes, tmp_path, capsys):
     assert "| method | shapes | digits | average |" in printed
     accuracy = json.loads(out.read_text())[str(folder)]
     assert accuracy["shapes"] == zero_shot_accuracy(model, tokenizer, image_processor, shapes)
+    assert f"| {100 * (accuracy['shapes'] + accuracy['digits']) / 2:.1f} |" in printed
+    # --source: shown first, left out of the average.
+    assert main([*argv[:-2], "--source", "shapes"]) == 0
+    assert f"| {100 * accuracy['digits']:.1f} | {100 * accuracy['digits']:.1f} |" in capsys.readouterr().out
     Dataset.from_dict({"image": list(shapes["image"])}).save_to_disk(str(tmp_path / "bad"))
     argv = ["evaluate-clip", str(folder), "--dataset", str(tmp_path / "bad"), "--split", "train"]
     assert main(argv) == 2
@@ -215,7 +219,7 @@ def test_clip_tables_smoke_runs_every_arm(tmp_path):
     assert "### Table 2 (cross-dataset)" in result.stdout and "### Table 3 (domain generalization)" in result.stdout
     report = json.loads(output.read_text())
     arms = ["CLIP (dense, reference)", "CLIP-MoE", "+ Det-FT", "+ MoE-GRPO", "+ Det-FT, routers only",
-            "+ MoE-GRPO, whole vision tower"]  # fmt: skip
+            "+ MoE-GRPO, whole vision tower", "CLIP-MoE (DMU)", "+ Det-FT (DMU)", "+ MoE-GRPO (DMU)"]  # fmt: skip
     assert list(report["accuracy"]) == arms
     for arm in arms:
         (accuracy,) = report["accuracy"][arm]

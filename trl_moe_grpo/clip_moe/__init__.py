@@ -1,7 +1,8 @@
 """CLIP-MoE image classification trained with MoE-GRPO (the paper's Tables 2-3).
 
 - `modeling.py`   CLIP-MoE: transformers' CLIP with MoE MLPs in the vision encoder (registered with the Auto classes)
-- `upcycle.py`    CLIP -> CLIP-MoE (`copy`, `noise`, `drop` experts)
+- `upcycle.py`    CLIP -> CLIP-MoE (`copy`, `noise`, `drop` experts, or `multiplet`)
+- `multiplet.py`  Diversified Multiplet Upcycling (the CLIP-MoE paper's experts from multistage contrastive learning)
 - `classify.py`   zero-shot classification: class-prompt embeddings, image logits, datasets to pixel values
 - `rewards.py`    the classification reward and group-relative advantages
 - `config.py`     `CLIPMoEGRPOConfig` (MoE-GRPO) and `CLIPDetFTConfig` (Det-FT)
@@ -24,6 +25,7 @@ from .modeling import (
     CLIPMoeVisionModel,
     vision_encoder,
 )
+from .multiplet import diversified_multiplet_upcycle
 from .trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
 from .upcycle import CLIPUpcycleResult, upcycle_clip, upcycle_clip_model
 
@@ -40,6 +42,7 @@ __all__ = [
     "CLIPMoeVisionConfig",
     "CLIPMoeVisionModel",
     "CLIPUpcycleResult",
+    "diversified_multiplet_upcycle",
     "evaluate_datasets",
     "modeling",
     "upcycle_clip",

@@ -95,6 +95,15 @@ def tiny_clip_moe(seed: int = 0, num_experts: int = 4, top_k: int = 2, init: str
     return model.eval(), tokenizer, image_processor
 
 
+def contrastive_loss(model, pixel_values, input_ids, attention_mask, caption_ids) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss with soft targets: an image's target is spread evenly over the batch's
+    captions equal to its own (`caption_ids` equal), and likewise for captions."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    targets = same / same.sum(-1, keepdim=True)
+    return 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
+
+
 @dataclass
 class PretrainReport:
     """What `pretrain_contrastive` did: steps, final loss, seconds."""
@@ -139,14 +148,9 @@ def pretrain_contrastive(
     start, loss = time.time(), torch.tensor(float("nan"))
     for step in range(steps):
         rows = torch.randint(0, num_pairs, (batch_size,), generator=generator)
-        out = model(
-            input_ids=text["input_ids"][rows],
-            attention_mask=text["attention_mask"][rows],
-            pixel_values=pixels[rows],
+        loss = contrastive_loss(
+            model, pixels[rows], text["input_ids"][rows], text["attention_mask"][rows], caption_ids[rows]
         )
-        same = (caption_ids[rows][:, None] == caption_ids[rows][None, :]).float()
-        targets = same / same.sum(-1, keepdim=True)
-        loss = 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,8 +11,9 @@ else (text tower, attention, embeddings, projections, logit scale) is copied unc
 With `copy` and the top-K weights renormalized (`norm_topk_prob=True`, the default), the CLIP-MoE computes exactly
 the dense CLIP's image embeddings (tested).
 
-Not implemented: the *diversified multiplet upcycling* of the CLIP-MoE paper (experts taken from several CLIP
-fine-tunes obtained by multistage contrastive learning). `copy`, `noise` and `drop` are the initializations offered.
+`init="multiplet"` is the CLIP-MoE paper's Diversified Multiplet Upcycling instead: the experts are the MLPs of
+several CLIP fine-tunes obtained by multistage contrastive learning on image-caption pairs (`multiplet.py`, where
+what follows the official implementation and what differs is listed).
 
 CLIP models are small, so the conversion builds both models in memory (unlike the streaming language-model
 upcycler), and writes the result with `save_pretrained` (safetensors and JSON) next to the source's tokenizer and
@@ -188,11 +189,16 @@ def upcycle_clip(
     seed: int = 0,
     moe_layers: list[int] | None = None,
     overwrite: bool = False,
+    pairs=None,
 ) -> CLIPUpcycleResult:
     """Upcycle the dense CLIP saved in the folder `source` into a CLIP-MoE saved in `output_dir`.
 
     The tokenizer and image processor of `source`, when it has them, are saved beside the model. The output loads
     with `transformers.AutoModel.from_pretrained(output_dir)` once `trl_moe_grpo.clip_moe` is imported.
+
+    `init="multiplet"` is the CLIP-MoE paper's Diversified Multiplet Upcycling (`multiplet.py`): it trains, so it
+    needs `pairs`, a dataset (or list of rows) with `image` and `caption` columns, and the source's tokenizer and
+    image processor; `noise_std`, `drop_ratio` and `router_std` do not apply to it.
 
     Raises:
         MoEGRPOError: the source is not a local dense CLIP folder, the output holds a model (without `overwrite`), or
@@ -207,19 +213,24 @@ def upcycle_clip(
             f"{source!r} is not a local folder with a dense CLIP (config.json with model_type 'clip'). Save one with "
             "`CLIPModel.save_pretrained(folder)`."
         )
-    expert_init = ExpertInit(init, noise_std=noise_std, drop_ratio=drop_ratio, router_std=router_std, seed=seed)
     dense = CLIPModel.from_pretrained(source)
-    moe = upcycle_clip_model(
-        dense,
-        num_experts,
-        top_k,
-        expert_init.kind,
-        noise_std=noise_std,
-        drop_ratio=drop_ratio,
-        router_std=router_std,
-        seed=seed,
-        moe_layers=moe_layers,
-    )
+    if init == "multiplet":
+        moe = _multiplet(dense, source, pairs, num_experts, top_k, seed, moe_layers)
+    else:
+        if pairs is not None:
+            raise MoEGRPOError(f"`pairs` are the training data of init='multiplet'; init={init!r} uses none.")
+        expert_init = ExpertInit(init, noise_std=noise_std, drop_ratio=drop_ratio, router_std=router_std, seed=seed)
+        moe = upcycle_clip_model(
+            dense,
+            num_experts,
+            top_k,
+            expert_init.kind,
+            noise_std=noise_std,
+            drop_ratio=drop_ratio,
+            router_std=router_std,
+            seed=seed,
+            moe_layers=moe_layers,
+        )
     prepare_output(source, output_dir, overwrite)
     moe.save_pretrained(output_dir)
     copied = []
@@ -255,6 +266,40 @@ def clip_parameter_summary(source: str, num_experts: int = 8, top_k: int = 2) ->
         f"{sum(p.numel() for p in dense.parameters()):,}, MoE total {sum(p.numel() for p in moe.parameters()):,}, "
         f"active per token {active_parameters(moe):,}"
     )
+
+
+def _multiplet(dense, source: str, pairs, num_experts: int, top_k: int, seed: int, moe_layers) -> CLIPMoeModel:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from .multiplet import diversified_multiplet_upcycle
+
+    if moe_layers is not None:
+        raise MoEGRPOError("init='multiplet' makes every vision layer an MoE layer; leave `moe_layers` unset.")
+    if pairs is None:
+        raise MoEGRPOError(
+            "init='multiplet' trains on image-caption pairs: pass `pairs` (`--pairs DATASET` on the command line), "
+            "a dataset with `image` and `caption` columns."
+        )
+    columns = sorted(pairs[0]) if isinstance(pairs, list) else list(pairs.column_names)
+    if "image" not in columns or "caption" not in columns:
+        raise MoEGRPOError(
+            f"The pairs have columns {', '.join(columns)}; Diversified Multiplet Upcycling needs `image` and "
+            "`caption` columns."
+        )
+    try:
+        tokenizer, image_processor = AutoTokenizer.from_pretrained(source), AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise MoEGRPOError(
+            f"init='multiplet' needs the tokenizer and image processor of {source!r} ({error}): save them beside the "
+            "model."
+        ) from error
+    images = [row["image"] for row in pairs] if isinstance(pairs, list) else list(pairs["image"])
+    captions = [row["caption"] for row in pairs] if isinstance(pairs, list) else list(pairs["caption"])
+    images = [image.convert("RGB") if hasattr(image, "convert") else image for image in images]
+    moe, _ = diversified_multiplet_upcycle(
+        dense, tokenizer, image_processor, images, captions, num_experts, top_k, seed=seed
+    )
+    return moe
 
 
 def active_parameters(model: CLIPMoeModel) -> int:

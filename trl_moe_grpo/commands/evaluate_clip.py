@@ -34,6 +34,12 @@ class EvaluateClipCommand(Command):
             help="a dataset folder (save_to_disk) or data file; repeat for several (they form the table's columns)",
         )
         parser.add_argument("--split", default="test", help="split of each dataset (default: test)")
+        parser.add_argument(
+            "--source",
+            metavar="NAME",
+            help="the dataset trained on: shown first, left out of the average (as in cross-dataset and "
+            "shifted-domain tables, whose average is over the other datasets)",
+        )
         parser.add_argument("--template", default="a photo of a {}", help="class prompt, {} is the class name")
         parser.add_argument(
             "--class-names", help="comma-separated class names in label order (default: the label ClassLabel's)"
@@ -52,6 +58,12 @@ class EvaluateClipCommand(Command):
         from ..loading import load_dataset_split
 
         datasets = dict(parse_dataset_argument(value) for value in args.dataset)
+        if args.source is not None:
+            if args.source not in datasets:
+                raise MoEGRPOError(f"--source {args.source!r} is not one of the datasets: {', '.join(datasets)}.")
+            if len(datasets) < 2:
+                raise MoEGRPOError("--source leaves no dataset to average: pass the target datasets too.")
+            datasets = {args.source: datasets[args.source], **datasets}
         class_names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
         if class_names is not None and len(datasets) > 1:
             raise MoEGRPOError("`--class-names` applies to one dataset; pass one --dataset with it.")
@@ -75,7 +87,8 @@ class EvaluateClipCommand(Command):
         rows = {}
         for path, accuracy in results.items():
             cells = {name: f"{100 * value:.1f}" for name, value in accuracy.items()}
-            cells["average"] = f"{100 * sum(accuracy.values()) / len(accuracy):.1f}"
+            averaged = [value for name, value in accuracy.items() if name != args.source]
+            cells["average"] = f"{100 * sum(averaged) / len(averaged):.1f}"
             rows[path] = cells
         print(format_table(rows, list(loaded)))
         if args.output_json:

@@ -22,11 +22,16 @@ class UpcycleCommand(Command):
         parser.add_argument("--output", help="output folder (required unless --dry-run)")
         parser.add_argument(
             "--init",
-            choices=["noise", "copy", "drop"],
+            choices=["noise", "copy", "drop", "multiplet"],
             default="noise",
             help="expert init: noise (default; copy + small noise), copy (exact copies: function unchanged, but no "
-            "MoE-GRPO signal), drop (Drop-Upcycling)",
+            "MoE-GRPO signal), drop (Drop-Upcycling), multiplet (CLIP only: the CLIP-MoE paper's Diversified "
+            "Multiplet Upcycling, trained on --pairs)",
         )
+        parser.add_argument(
+            "--pairs", help="image-caption dataset (`image`, `caption` columns; folder or data file) for multiplet"
+        )
+        parser.add_argument("--pairs-split", default="train", help="split of --pairs (default: train)")
         parser.add_argument("--noise-std", type=float, default=0.01, help="noise std relative to each weight's std")
         parser.add_argument("--drop-ratio", type=float, default=0.5, help="share of neurons `drop` re-initializes")
         parser.add_argument("--router-std", type=float, default=0.02, help="std of the random router weights")
@@ -57,8 +62,13 @@ class UpcycleCommand(Command):
             raise MoEGRPOError("A preset holds a config, no weights: use it with --dry-run, or pass SOURCE.")
         if args.source is None or args.output is None:
             raise MoEGRPOError("Pass SOURCE and --output DIR (or --dry-run to only count parameters).")
+        if args.init == "multiplet" and not is_clip_folder(args.source):
+            raise MoEGRPOError("--init multiplet (Diversified Multiplet Upcycling) applies to CLIP sources only.")
         if is_clip_folder(args.source):  # CLIP -> CLIP-MoE: the vision encoder's MLPs become experts
             from ..clip_moe.upcycle import upcycle_clip
+            from ..loading import load_dataset_split
+
+            pairs = load_dataset_split(args.pairs, args.pairs_split) if args.pairs else None
 
             result = upcycle_clip(
                 args.source,
@@ -71,6 +81,7 @@ class UpcycleCommand(Command):
                 router_std=args.router_std,
                 seed=args.seed,
                 overwrite=args.overwrite,
+                pairs=pairs,
             )
             print(f"{result.summary()}, init={args.init}")
             return 0
