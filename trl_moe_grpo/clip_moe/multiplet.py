@@ -19,10 +19,12 @@ Followed from the official implementation's README and training scripts (OpenSpa
    plus the load-balancing loss on the routed sets.
 
 `num_experts` stages give `num_experts` experts. What is not the official set-up: the data (the caller's pairs, in
-the miniature generated ones), the k-means (plain Lloyd iterations with k-means++ seeding instead of scikit-learn's
-mini-batch k-means), the optimizer settings (AdamW, constant learning rate, no warm-up, no mixed precision) and the
-size of everything. The official MCL uses the same CLIP loss as its pre-training; here it is `tiny.contrastive_loss`
-(soft targets over identical captions, which generated captions need).
+the miniature generated ones); the k-means (plain Lloyd iterations with k-means++ seeding instead of scikit-learn's
+mini-batch k-means); the optimizer (AdamW at a constant learning rate without weight decay or warm-up, no mixed
+precision; the official script uses a cosine schedule with warm-up and weight decay 0.2); the logit scale (the dense
+CLIP's, where the official script resets it to 100); the loss (`tiny.contrastive_loss`, CLIP's loss with soft
+targets over identical captions, which generated captions need); the text tower (dense, no text experts); and the
+size of everything.
 """
 
 from __future__ import annotations
