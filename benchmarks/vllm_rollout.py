@@ -13,8 +13,10 @@ turns (rotating order, `--repeats` rounds) in one run:
 
 Tokens/s is generated tokens (batch x completion) over this process's CPU time (`--clock process`, the default, so
 other load on a shared machine does not move the ratios; vLLM runs in this process) or wall time (`--clock wall`).
-Printed: median tokens/s per way, sampled / top-K on each engine per round (median, min-max; target >= 0.95), and
-vLLM / HF with the same routing.
+Printed: median tokens/s per way, sampled / top-K on each engine per round (median, min-max; target >= 0.95), vLLM /
+HF with the same routing, and how many distinct experts a decode step's batch uses per layer (HF's recorded routes):
+with G rollouts per prompt and greedy tokens, top-K rollouts of a prompt are the same tokens and share their experts,
+sampled ones spread over more, so each step computes more experts (`--generations 1` takes that out).
 
 Run in the vLLM environment (`bash scripts/vllm_env.sh`):
 
@@ -122,6 +124,13 @@ class HFEngine:
                 pad_token_id=0,
             )
         assert output.shape[1] == input_ids.shape[1] + args.completion
+        # Distinct experts a decode step's batch uses, per layer: what each step's expert compute scales with (under
+        # top-K with greedy tokens the G rollouts of a prompt are the same tokens, so they share their experts).
+        decode = torch.stack([step[:, 0] for step in recording.steps[1:]])  # [steps, batch, layers, K]
+        used = [
+            len(torch.unique(decode[s, :, layer])) for s in range(decode.shape[0]) for layer in range(decode.shape[2])
+        ]
+        self.distinct_experts = sum(used) / len(used)
         return sum(int((step[..., 0] >= 0).sum()) for step in recording.steps)  # step: [batch, tokens, layers, K]
 
 
@@ -188,12 +197,14 @@ def measure(args: argparse.Namespace) -> dict:
         for way in WAYS:  # warm-up
             run(way)
         seconds = {way: [] for way in WAYS}
-        recorded = {}
+        recorded, distinct = {}, {}
         for repeat in range(args.repeats):
             order = WAYS[repeat % len(WAYS) :] + WAYS[: repeat % len(WAYS)]
             for way in order:
                 elapsed, recorded[way] = run(way)
                 seconds[way].append(elapsed)
+                if way.startswith("HF"):
+                    distinct[way] = engines["HF"].distinct_experts
     tokens = len(prompts) * args.completion
     throughput = {way: [tokens / s for s in values] for way, values in seconds.items()}
     ratios = {
@@ -212,6 +223,8 @@ def measure(args: argparse.Namespace) -> dict:
         "ratios": ratios,
         # Per engine, the routed tokens whose expert sets were recorded (every layer), in the last round.
         "recorded_token_layers": recorded,
+        # HF, last round: mean distinct experts per (decode step, layer) over the batch.
+        "distinct_experts_per_decode_step": distinct,
     }
 
 
@@ -221,6 +234,8 @@ def format_table(result: dict) -> str:
     lines += ["", "| ratio | median (min-max) over rounds |", "| --- | ---: |"]
     for name, values in result["ratios"].items():
         lines.append(f"| {name} | {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f}) |")
+    used = ", ".join(f"{way} {value:.2f}" for way, value in result["distinct_experts_per_decode_step"].items())
+    lines += ["", f"Distinct experts per decode step and layer (HF, last round): {used}"]
     return "\n".join(lines)
 
 

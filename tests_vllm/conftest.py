@@ -1,5 +1,6 @@
 """Fixtures of the vLLM suite (run in `.venv-vllm` only: `bash scripts/vllm_env.sh && .venv-vllm/bin/python -m pytest
--q tests_vllm`). One in-process vLLM engine per module: building one takes ~10 s on 2 CPU cores."""
+-q tests_vllm`). vLLM engines run in this process (TRL's colocate mode); building one takes 2-10 s on 2 CPU cores, so
+the engine-level tests share one per module and each trainer test builds its own."""
 
 from __future__ import annotations
 
@@ -30,26 +31,27 @@ def save_vllm_tiny_moe(path: str, family: str = "qwen3_moe", seed: int = 0) -> s
     return path
 
 
-@pytest.fixture(scope="module")
-def qwen3_moe_path(tmp_path_factory) -> str:
-    return save_vllm_tiny_moe(str(tmp_path_factory.mktemp("qwen3_moe")))
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def moe_path(request, tmp_path_factory) -> str:
+    """A saved tiny MoE of each family vLLM's router hook is tested on."""
+    return save_vllm_tiny_moe(str(tmp_path_factory.mktemp(request.param)), request.param)
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(qwen3_moe_path):
+def vllm_engine(moe_path):
+    """An in-process engine built with the arguments `MoEVLLMGeneration` adds to TRL's, and the router hooks."""
     from vllm import LLM
 
     from trl_moe_grpo.vllm_routing.engine_hooks import VLLMRouting
+    from trl_moe_grpo.vllm_routing.generation import ENGINE_KWARGS
 
     llm = LLM(
-        model=qwen3_moe_path,
-        dtype="bfloat16",
-        enforce_eager=True,
-        enable_prefix_caching=False,
+        model=moe_path,
         max_model_len=128,
         max_num_seqs=8,
         max_num_batched_tokens=512,
         seed=0,
         logprobs_mode="processed_logprobs",
+        **ENGINE_KWARGS,
     )
     return llm, VLLMRouting(llm, mode="topk")

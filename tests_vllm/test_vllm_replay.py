@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
@@ -29,12 +31,12 @@ def _hf_completion_logps(model, ids: list[int], prompt_length: int, routes: torc
     return logps[prompt_length - 1 :]
 
 
-def test_replayed_routes_reproduce_vllm_logps(vllm_engine, qwen3_moe_path):
+def test_replayed_routes_reproduce_vllm_logps(vllm_engine, moe_path):
     llm, routing = vllm_engine
     routing.mode = "sample"
     params = SamplingParams(temperature=1.0, max_tokens=8, logprobs=0, ignore_eos=True, seed=1)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sampling_params=params, use_tqdm=False)
-    model = AutoModelForCausalLM.from_pretrained(qwen3_moe_path, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(moe_path, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     replay_errors, live_errors = [], []
     for output in outputs:
@@ -50,6 +52,7 @@ def test_replayed_routes_reproduce_vllm_logps(vllm_engine, qwen3_moe_path):
         replay_errors.append((replayed - vllm_logps).abs().max())
         live_errors.append((live - vllm_logps).abs().max())
     replay_error, live_error = max(replay_errors), max(live_errors)
-    print(f"max |HF - vLLM| token log-prob: replayed routes {replay_error:.4f}, live top-K {live_error:.4f}")
+    name = os.path.basename(moe_path)
+    print(f"{name}: max |HF - vLLM| completion log-prob: replayed routes {replay_error:.4f}, live {live_error:.4f}")
     assert replay_error < TOLERANCE
     assert live_error > TOLERANCE

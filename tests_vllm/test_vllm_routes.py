@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
@@ -38,13 +40,13 @@ def _hf_topk(path: str, ids: list[int], dtype: torch.dtype) -> tuple[torch.Tenso
     return routes, top[..., -2] - top[..., -1]
 
 
-def test_topk_routes_equal_hf_router_topk(vllm_engine, qwen3_moe_path):
+def test_topk_routes_equal_hf_router_topk(vllm_engine, moe_path):
     llm, routing = vllm_engine
     matched = total = clear_total = 0
     for ids, trace in _generate(llm, routing, "topk"):
         assert (trace[-1] == -1).all()  # the last completion token is never fed back
         assert (trace[:-1] >= 0).all()
-        hf, margin = _hf_topk(qwen3_moe_path, ids, torch.float32)
+        hf, margin = _hf_topk(moe_path, ids, torch.float32)
         same = (trace[:-1].sort(-1).values == hf[:-1].sort(-1).values.to(trace.dtype)).all(-1)
         # vLLM computes in bf16 with its own CPU kernels: hidden states differ from HF's by bf16 rounding, which can
         # swap two experts whose log-probs are within it. Where the K-th expert leads the next by more, sets match.
@@ -53,7 +55,8 @@ def test_topk_routes_equal_hf_router_topk(vllm_engine, qwen3_moe_path):
         matched += int(same.sum())
         total += same.numel()
         clear_total += int(clear.sum())
-    print(f"vLLM top-K == HF top-K on {matched}/{total} (token, layer) sets; {clear_total} with margin > {MARGIN}")
+    name = os.path.basename(moe_path)
+    print(f"{name}: vLLM top-K == HF top-K on {matched}/{total} (token, layer) sets ({clear_total} margin > {MARGIN})")
     assert matched >= 0.9 * total
 
 

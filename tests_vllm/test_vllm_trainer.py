@@ -79,6 +79,10 @@ def test_trainer_trains_two_steps_with_vllm_rollouts(tmp_path, family, routing, 
     trainer._generate_and_score_completions = keep_batch
     trainer.train()
 
+    if routing == "topk":  # evaluation goes through the same vLLM rollouts (top-K, greedy) and replays them
+        metrics = trainer.evaluate(digit_sum_dataset(4, seed=1))
+        assert metrics["eval_sampling/sampling_logp_difference/max"] < LOGP_GAP
+        assert metrics["eval_routing/sequence_routing_entropy"] > 0
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 2
     gaps = [entry["sampling/sampling_logp_difference/max"] for entry in steps]
@@ -100,7 +104,7 @@ def test_trainer_trains_two_steps_with_vllm_rollouts(tmp_path, family, routing, 
         assert routes.shape[:2] == ids.shape
         assert (routes[~mask] == -1).all()  # padding carries no route
         assert (routes[:, : batch["prompt_ids"].shape[1]][batch["prompt_mask"].bool()] >= 0).all()
-        if routing == "sample":
+        if routing == "sample" and replay:
             # The G rollouts of a prompt (greedy tokens, same prompt) differ through their sampled routes.
             prompt_routes = routes[:, : batch["prompt_ids"].shape[1]]
             groups = prompt_routes.view(-1, 4, *prompt_routes.shape[1:])

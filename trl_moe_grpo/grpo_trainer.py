@@ -3,7 +3,8 @@
 How it hooks into TRL (each override is the narrowest method that does the job and calls `super()`):
 
 - `_generate_single_turn`: rollouts run with the routing controller in `rollout_routing` mode, which records every
-  token's expert ids; they become a trace laid out like TRL's token ids.
+  token's expert ids; they become a trace laid out like TRL's token ids. With `use_vllm=True` the routes are sampled
+  and recorded inside vLLM instead (`vllm_routing/generation.py`, `docs/vllm.md`), into the same trace.
 - `_generate_and_score_completions`: the trace joins the batch dict as `routed_experts`, so TRL's buffering,
   shuffling and micro-batch splitting keep it aligned with its rows for free.
 - `_get_per_token_logps_and_entropies`: every forward TRL makes (old log-probs, reference, policy) replays the trace.

