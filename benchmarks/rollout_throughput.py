@@ -39,8 +39,18 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(model, controller: RoutingController | None, way: str, input_ids, args) -> float:
-    """Seconds to generate `args.completion` tokens for every row of `input_ids` in `way`."""
+def distinct_experts_per_decode_step(steps: list[torch.Tensor]) -> float:
+    """Mean over decode calls (the prefill excluded) and layers of how many experts the call's tokens used: in
+    transformers' expert loop each one is a matmul of its own, so this is what the experts' compute scales with."""
+    counts = [
+        len(torch.unique(call[:, :, layer])) for call in steps[1:] for layer in range(call.shape[2])
+    ]  # call: [batch, 1, layers, top_k]
+    return statistics.fmean(counts) if counts else float("nan")
+
+
+def generate(model, controller: RoutingController | None, way: str, input_ids, args) -> tuple[float, float | None]:
+    """`(seconds, distinct experts per decode step)` to generate `args.completion` tokens for every row of
+    `input_ids` in `way` (no expert count for `stock`, which records nothing)."""
     if way == "stock":
         context = contextlib.nullcontext()
     else:
@@ -49,7 +59,7 @@ def generate(model, controller: RoutingController | None, way: str, input_ids, a
     gc.collect()
     synchronize(args.device)
     start = now()
-    with torch.no_grad(), context:
+    with torch.no_grad(), context as recording:
         output = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -59,8 +69,9 @@ def generate(model, controller: RoutingController | None, way: str, input_ids, a
             pad_token_id=0,
         )
     synchronize(args.device)
+    seconds = now() - start
     assert output.shape[1] == input_ids.shape[1] + args.completion
-    return now() - start
+    return seconds, (None if recording is None else distinct_experts_per_decode_step(recording.steps))
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -74,10 +85,14 @@ def measure(args: argparse.Namespace) -> dict:
     for way in WAYS:  # warm-up
         generate(models[way], controller, way, input_ids, args)
     seconds = {way: [] for way in WAYS}
+    distinct = {way: [] for way in WAYS}
     for repeat in range(args.repeats):
         order = WAYS[repeat % 3 :] + WAYS[: repeat % 3]
         for way in order:
-            seconds[way].append(generate(models[way], controller, way, input_ids, args))
+            took, experts = generate(models[way], controller, way, input_ids, args)
+            seconds[way].append(took)
+            if experts is not None:
+                distinct[way].append(experts)
     tokens = batch * args.completion
     throughput = {way: [tokens / s for s in seconds[way]] for way in WAYS}
     return {
@@ -86,6 +101,7 @@ def measure(args: argparse.Namespace) -> dict:
         "ratio_to_topk": {
             way: [mine / theirs for mine, theirs in zip(throughput[way], throughput["top-K recorded"])] for way in WAYS
         },
+        "distinct_experts_per_decode_step": {way: statistics.fmean(v) for way, v in distinct.items() if v},
         "ratio_to_stock": {
             way: [mine / theirs for mine, theirs in zip(throughput[way], throughput["stock"])] for way in WAYS
         },
@@ -97,13 +113,15 @@ def format_table(result: dict) -> str:
         return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
     lines = [
-        "| routing | tokens/s (median) | x top-K recorded: median (min-max) | x stock |",
-        "| --- | ---: | ---: | ---: |",
+        "| routing | tokens/s (median) | x top-K recorded: median (min-max) | x stock | experts used per layer and "
+        "decode step |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for way in WAYS:
+        experts = result["distinct_experts_per_decode_step"].get(way)
         lines.append(
             f"| {way} | {result['tokens_per_second'][way]:.1f} | {spread(result['ratio_to_topk'][way])} | "
-            f"{spread(result['ratio_to_stock'][way])} |"
+            f"{spread(result['ratio_to_stock'][way])} | {'-' if experts is None else f'{experts:.2f}'} |"
         )
     return "\n".join(lines)
 

@@ -52,3 +52,6 @@ def test_rollout_throughput_compares_sampled_with_top_k(tmp_path):
     assert all(value > 0 for value in result["tokens_per_second"].values())
     assert result["ratio_to_topk"]["top-K recorded"] == [1.0, 1.0]
     assert all(math.isfinite(r) for values in result["ratio_to_topk"].values() for r in values)
+    # Experts used per layer and decode step (smoke: 2 sequences x top-2 of 4 experts): between K and min(N, B K).
+    assert set(result["distinct_experts_per_decode_step"]) == {"top-K recorded", "sampled"}
+    assert all(2 <= value <= 4 for value in result["distinct_experts_per_decode_step"].values())
