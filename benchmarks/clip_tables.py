@@ -44,14 +44,16 @@ from trl_moe_grpo.clip_moe.upcycle import upcycle_clip_model
 ROOT = Path(__file__).resolve().parents[1]
 # The untouched CLIP-MoEs: `noise` upcycling (the main table) and Diversified Multiplet Upcycling (4 experts).
 BASES = {"CLIP-MoE": "noise", "CLIP-MoE (DMU)": "dmu"}
-# Trained arms: (method, what trains, base). "routers only" and "whole vision tower" are ablations of what trains.
+# Trained arms: (method, what trains, base, epochs multiplier). "routers only" and "whole vision tower" are ablations
+# of what trains; "10x epochs" shows what a longer MoE-GRPO run does.
 TRAINED = {
-    "+ Det-FT": ("detft", "vision", "CLIP-MoE"),
-    "+ MoE-GRPO": ("grpo", "routers", "CLIP-MoE"),
-    "+ Det-FT, routers only": ("detft", "routers", "CLIP-MoE"),
-    "+ MoE-GRPO, whole vision tower": ("grpo", "vision", "CLIP-MoE"),
-    "+ Det-FT (DMU)": ("detft", "vision", "CLIP-MoE (DMU)"),
-    "+ MoE-GRPO (DMU)": ("grpo", "routers", "CLIP-MoE (DMU)"),
+    "+ Det-FT": ("detft", "vision", "CLIP-MoE", 1),
+    "+ MoE-GRPO": ("grpo", "routers", "CLIP-MoE", 1),
+    "+ Det-FT, routers only": ("detft", "routers", "CLIP-MoE", 1),
+    "+ MoE-GRPO, whole vision tower": ("grpo", "vision", "CLIP-MoE", 1),
+    "+ MoE-GRPO, 10x epochs": ("grpo", "routers", "CLIP-MoE", 10),
+    "+ Det-FT (DMU)": ("detft", "vision", "CLIP-MoE (DMU)", 1),
+    "+ MoE-GRPO (DMU)": ("grpo", "routers", "CLIP-MoE (DMU)", 1),
 }
 DENSE = "CLIP (dense, reference)"
 COMPARISONS = (
@@ -60,6 +62,7 @@ COMPARISONS = (
     ("+ Det-FT", "CLIP-MoE"),
     ("+ MoE-GRPO", "+ Det-FT, routers only"),
     ("+ MoE-GRPO, whole vision tower", "CLIP-MoE"),
+    ("+ MoE-GRPO, 10x epochs", "CLIP-MoE"),
     ("+ MoE-GRPO (DMU)", "+ Det-FT (DMU)"),
     ("+ MoE-GRPO (DMU)", "CLIP-MoE (DMU)"),
     ("+ Det-FT (DMU)", "CLIP-MoE (DMU)"),
@@ -73,7 +76,7 @@ def arms(dmu: bool) -> list[str]:
     for base in BASES:
         if base == "CLIP-MoE (DMU)" and not dmu:
             continue
-        rows += [base, *(arm for arm, (_, _, of) in TRAINED.items() if of == base)]
+        rows += [base, *(arm for arm, (_, _, of, _) in TRAINED.items() if of == base)]
     return rows
 
 
@@ -111,11 +114,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def train_arm(arm: str, model, tokenizer, image_processor, train, args, seed: int, output_dir: str):
-    method, trains, _ = TRAINED[arm]
+    method, trains, _, multiplier = TRAINED[arm]
     common = dict(
         train_parameters=trains,
         output_dir=output_dir,
-        num_train_epochs=args.epochs,
+        num_train_epochs=args.epochs * multiplier,
         per_device_train_batch_size=args.batch_size,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
@@ -316,7 +319,8 @@ def summarize(results, args, histories, seconds, total) -> dict:
         "Arms: `+ Det-FT` fine-tunes the vision tower (and its projection) with cross-entropy on the zero-shot logits "
         "under top-K routing; `+ MoE-GRPO` trains the routers with Gate-GRPO on sampled, replayed routes (the "
         "trainer's default: the routing is the policy; there are no text tokens, so no token loss). Two ablations "
-        "separate what trains from how: `+ Det-FT, routers only` and `+ MoE-GRPO, whole vision tower`. "
+        "separate what trains from how: `+ Det-FT, routers only` and `+ MoE-GRPO, whole vision tower`; "
+        f"`+ MoE-GRPO, 10x epochs` runs {10 * args.epochs:g} epochs instead of {args.epochs:g}. "
         f"`CLIP-MoE (DMU)` is the CLIP-MoE paper's Diversified Multiplet Upcycling ({args.dmu_experts} experts, "
         f"top-{args.top_k}; `trl_moe_grpo.clip_moe.multiplet`) on {args.dmu_pairs} generated image-caption pairs "
         "per seed (not the pre-training draw), with its own Det-FT and MoE-GRPO arms. The "

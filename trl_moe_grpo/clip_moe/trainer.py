@@ -99,6 +99,11 @@ class _CLIPClassificationTrainer(Trainer):
             processing_class=image_processor,
             **kwargs,
         )
+        if self.args.world_size > 1:
+            raise MoEGRPOError(
+                f"{type(self).__name__} runs in one process (it calls the model's `get_image_features`, which a "
+                "distributed wrapper does not forward); launch it without `accelerate launch`/`torchrun`."
+            )
         self.model_accepts_loss_kwargs = False  # the loss is ours: Trainer divides it by the accumulation steps
         self.class_text = class_embeddings(self.model, tokenizer, self.class_names, args.class_template)
         coef = args.router_aux_loss_coef
