@@ -208,7 +208,7 @@ CAPTION_TEMPLATES = (
     "a {color} {name}",
     "a photo of something {color}",
 )
-STYLE_WORDS = {"plain": "", "sketch": "a sketch of a {name}", "inverted": "", "noisy": "", "rotated": ""}
+SKETCH_CAPTION = "a sketch of a {name}"
 # Shares of the pre-training images in each style (the rest are plain).
 PRETRAIN_STYLE_SHARES = {"sketch": 0.08, "inverted": 0.06, "noisy": 0.06, "rotated": 0.06}
 
@@ -216,7 +216,7 @@ PRETRAIN_STYLE_SHARES = {"sketch": 0.08, "inverted": 0.06, "noisy": 0.06, "rotat
 def caption(spec: ObjectSpec, rng: random.Random) -> str:
     """A caption of `spec`: colour and class, class only, or colour only (sketches sometimes say so)."""
     if spec.style == "sketch" and rng.random() < 0.5:
-        return STYLE_WORDS["sketch"].format(name=spec.name)
+        return SKETCH_CAPTION.format(name=spec.name)
     template = rng.choice(CAPTION_TEMPLATES)
     if spec.style == "sketch" and "{color}" in template:
         template = "a photo of a {name}"  # a sketch's ink is not the object's colour

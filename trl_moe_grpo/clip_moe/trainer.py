@@ -27,7 +27,6 @@ evaluation dataset.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import torch
@@ -289,9 +288,3 @@ class CLIPDetFTTrainer(_CLIPClassificationTrainer):
             self._log(mode, "accuracy", (logits.argmax(-1) == inputs["labels"].to(logits.device)).float().mean())
             self._log(mode, "routing/balance_loss", balance)
         return (loss, {"logits": logits}) if return_outputs else loss
-
-
-def save_classifier(trainer: _CLIPClassificationTrainer, output_dir: str) -> None:
-    """Save the trained model with its tokenizer and image processor (what `evaluate-clip` reads)."""
-    os.makedirs(output_dir, exist_ok=True)
-    trainer.save_model(output_dir)
