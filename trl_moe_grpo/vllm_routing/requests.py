@@ -110,9 +110,17 @@ def to_trace(rows: torch.Tensor, prompt_length: int, completion_length: int) -> 
             "prompt blocks between rollouts, so their prompts are not routed per rollout "
             "(enable_prefix_caching=False)."
         )
+    fed = max(completion_length - 1, 0)
+    if rows.shape[0] != prompt_length + fed:
+        # More rows: the request was routed twice somewhere (vLLM preempted it and recomputed its tokens, when the
+        # KV cache ran out); fewer: steps were not recorded. Either way the rows no longer follow the tokens.
+        raise MoEGRPOError(
+            f"vLLM routed {rows.shape[0]} tokens for a request of {prompt_length} prompt and {completion_length} "
+            f"completion tokens (expected {prompt_length + fed}): was it preempted and recomputed? Give vLLM more KV "
+            "cache (`VLLM_CPU_KVCACHE_SPACE`, in GiB) or fewer concurrent sequences."
+        )
     prompt = rows[:prompt_length]
     completion = torch.full((completion_length, *rows.shape[1:]), -1, dtype=torch.int16)
-    fed = min(rows.shape[0] - prompt_length, max(completion_length - 1, 0))
     if fed > 0:
         completion[:fed] = rows[prompt_length : prompt_length + fed]
     return prompt, completion
