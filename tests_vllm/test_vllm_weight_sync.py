@@ -52,3 +52,32 @@ def test_sync_weights_reaches_vllm(tmp_path):
     print(f"max |HF - vLLM| log-prob after the HF weights changed: before sync {stale:.4f}, after {synced:.4f}")
     assert stale > TOLERANCE
     assert synced < TOLERANCE
+
+
+def test_sync_weights_reaches_vllm_with_a_lora_adapter(tmp_path):
+    """Under PEFT, TRL merges the adapter (attention LoRA, and the routers' LoRA the trainer adds) before the sync."""
+    from peft import LoraConfig
+
+    path = save_vllm_tiny_moe(str(tmp_path / "model"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    trainer = MoEGRPOTrainer(
+        model,
+        char_code_reward,
+        args=vllm_config(tmp_path),
+        train_dataset=digit_sum_dataset(4, seed=0),
+        processing_class=build_char_tokenizer(),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    policy = trainer.model
+    policy.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero: give every adapter weight values, so the merged model differs
+        for name, param in policy.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn_like(param))
+    stale = _largest_gap(trainer, policy)
+    trainer.vllm_generation.sync_weights()
+    synced = _largest_gap(trainer, policy)
+    print(f"LoRA: max |HF - vLLM| log-prob after the adapter changed: before sync {stale:.4f}, after {synced:.4f}")
+    assert stale > TOLERANCE
+    assert synced < TOLERANCE
