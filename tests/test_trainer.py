@@ -26,6 +26,16 @@ def group_rows(dataset, num_prompts: int, group: int) -> list[dict]:
     return [dataset[i] for i in range(num_prompts) for _ in range(group)]
 
 
+def with_reward_spread(batch: dict, group: int) -> dict:
+    """`batch` with fixed, non-zero group-relative advantages (+1, -1, ... within each group of `group` rollouts).
+
+    For tests of the loss math: whether a tiny random model's rollouts happen to disagree in reward depends on the
+    random stream, and with no spread every advantage (and so every policy gradient) is zero.
+    """
+    signs = torch.tensor([1.0, -1.0]).repeat(group // 2)
+    return {**batch, "advantages": signs.repeat(batch["advantages"].numel() // group).to(batch["advantages"])}
+
+
 def router_weights(trainer) -> list[torch.Tensor]:
     return [adapter.router.weight for adapter in trainer.routing.adapters]
 
@@ -125,8 +135,7 @@ def test_gradient_accumulation_leaves_the_gradients_unchanged(tmp_path, tokenize
     model = trainer.model
     model.train()
     with trainer._routing_step():
-        batch = trainer._generate_and_score_completions(group_rows(dataset, 2, 4))
-    assert batch["advantages"].abs().sum() > 0
+        batch = with_reward_spread(trainer._generate_and_score_completions(group_rows(dataset, 2, 4)), 4)
 
     def grads(accumulation: int) -> dict[str, torch.Tensor]:
         trainer.current_gradient_accumulation_steps = accumulation
@@ -199,8 +208,7 @@ def test_gate_loss_gives_router_gradients(tmp_path, tokenizer, dataset, checkpoi
         return [w.grad.clone() for w in router_weights(trainer)]
 
     with trainer._routing_step():
-        batch = trainer._generate_and_score_completions(group_rows(dataset, 2, 4))
-    assert batch["advantages"].abs().sum() > 0
+        batch = with_reward_spread(trainer._generate_and_score_completions(group_rows(dataset, 2, 4)), 4)
     with_gate, without_gate = router_grads(1.0), router_grads(0.0)
     for g1, g0 in zip(with_gate, without_gate):
         assert torch.isfinite(g1).all()
