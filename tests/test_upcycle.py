@@ -267,7 +267,9 @@ def test_copy_init_gives_moe_grpo_nothing_to_learn_and_the_default_does(upcycled
     """With identical experts all G rollouts agree, so every reward in a group is equal and every advantage is zero:
     neither the token loss nor the gate loss has a gradient. The default init's rollouts disagree."""
     tokenizer = build_char_tokenizer()
+    # Enough prompts that "some disagree" does not hang on one random stream (a handful of prompts once gave none).
     prompts = ["3+9=", "what is 2+2?", "hello", "1+1=", "abc", "7-3="]
+    prompts += [f"{a}*{b}+{a}=" for a in range(6) for b in (4, 8)]
     disagreeing = {}
     for init in ("copy", DEFAULT_INIT):
         model = load(upcycled("qwen3", init), "qwen3")
