@@ -1,7 +1,8 @@
 """Rollout throughput of transformers' `generate` with sampled routing against top-K routing, in the same run.
 
-The same randomly initialized Qwen3-MoE (as in `step_time.py`) generates the same batch of prompts, every completion
-exactly `--completion` tokens long, in three ways that take turns (rotating order, `--repeats` rounds):
+The same randomly initialized Qwen3-MoE (as in `step_time.py`) generates the same batch, laid out as GRPO lays out
+its rollouts (`--prompts` random prompts, each repeated `--generations` times), every completion exactly
+`--completion` greedy tokens long, in three ways that take turns (rotating order, `--repeats` rounds):
 
 - stock: the model without a routing controller;
 - top-K recorded: the controller records every token's routes (`rollout("topk")`, what R3 rollouts do);
@@ -80,7 +81,10 @@ def measure(args: argparse.Namespace) -> dict:
     stock = build_model(args).eval()  # the same weights (seed 0), never hooked
     controller = RoutingController(model)
     batch = args.prompts * args.generations
-    input_ids = torch.randint(4, model.config.vocab_size, (batch, 8), device=args.device)
+    # GRPO's rollout batch: each prompt `generations` times in a row. With greedy tokens, the top-K rollouts of one
+    # prompt are identical (and use the same experts); sampled ones diverge, which is the point of sampling them.
+    prompts = torch.randint(4, model.config.vocab_size, (args.prompts, 8), device=args.device)
+    input_ids = prompts.repeat_interleave(args.generations, dim=0)
     models = {"stock": stock, "top-K recorded": model, "sampled": model}
     for way in WAYS:  # warm-up
         generate(models[way], controller, way, input_ids, args)
