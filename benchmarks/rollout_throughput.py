@@ -4,7 +4,7 @@ The same randomly initialized Qwen3-MoE (as in `step_time.py`) generates the sam
 its rollouts (`--prompts` random prompts, each repeated `--generations` times), every completion exactly
 `--completion` greedy tokens long, in three ways that take turns (rotating order, `--repeats` rounds):
 
-- stock: the model without a routing controller;
+- stock: the model without a routing controller (the same model instance, its hooks removed);
 - top-K recorded: the controller records every token's routes (`rollout("topk")`, what R3 rollouts do);
 - sampled: Gumbel-top-K routing, recorded (`rollout("sample")`, MoE-GRPO's rollouts).
 
@@ -23,12 +23,14 @@ import argparse
 import contextlib
 import gc
 import statistics
+from collections.abc import Iterator
 
 import torch
 from step_time import build_model, describe, machine, make_clock, synchronize, write_json
 from step_time import make_parser as step_time_parser
 
 from trl_moe_grpo.routing import RoutingController
+from trl_moe_grpo.routing.controller import RolloutRecording
 
 WAYS = ("stock", "top-K recorded", "sampled")
 
@@ -49,18 +51,28 @@ def distinct_experts_per_decode_step(steps: list[torch.Tensor]) -> float:
     return statistics.fmean(counts) if counts else float("nan")
 
 
-def generate(model, controller: RoutingController | None, way: str, input_ids, args) -> tuple[float, float | None]:
+@contextlib.contextmanager
+def routed(model, way: str) -> Iterator[RolloutRecording | None]:
+    """`way` on `model`: no controller at all for `stock` (hooks removed), else a controller's recorded rollout."""
+    if way == "stock":
+        yield None
+        return
+    controller = RoutingController(model)
+    try:
+        with controller.rollout("topk" if way == "top-K recorded" else "sample") as recording:
+            yield recording
+    finally:
+        controller.remove()
+
+
+def generate(model, way: str, input_ids, args) -> tuple[float, float | None]:
     """`(seconds, distinct experts per decode step)` to generate `args.completion` tokens for every row of
     `input_ids` in `way` (no expert count for `stock`, which records nothing)."""
-    if way == "stock":
-        context = contextlib.nullcontext()
-    else:
-        context = controller.rollout("topk" if way == "top-K recorded" else "sample")
     now = make_clock(args)
     gc.collect()
     synchronize(args.device)
     start = now()
-    with torch.no_grad(), context as recording:
+    with torch.no_grad(), routed(model, way) as recording:
         output = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -77,23 +89,20 @@ def generate(model, controller: RoutingController | None, way: str, input_ids, a
 
 def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    model = build_model(args).eval()
-    stock = build_model(args).eval()  # the same weights (seed 0), never hooked
-    controller = RoutingController(model)
+    model = build_model(args).eval()  # one model for every way: the stock one is the same instance, unhooked
     batch = args.prompts * args.generations
     # GRPO's rollout batch: each prompt `generations` times in a row. With greedy tokens, the top-K rollouts of one
     # prompt are identical (and use the same experts); sampled ones diverge, which is the point of sampling them.
     prompts = torch.randint(4, model.config.vocab_size, (args.prompts, 8), device=args.device)
     input_ids = prompts.repeat_interleave(args.generations, dim=0)
-    models = {"stock": stock, "top-K recorded": model, "sampled": model}
     for way in WAYS:  # warm-up
-        generate(models[way], controller, way, input_ids, args)
+        generate(model, way, input_ids, args)
     seconds = {way: [] for way in WAYS}
     distinct = {way: [] for way in WAYS}
     for repeat in range(args.repeats):
         order = WAYS[repeat % 3 :] + WAYS[: repeat % 3]
         for way in order:
-            took, experts = generate(models[way], controller, way, input_ids, args)
+            took, experts = generate(model, way, input_ids, args)
             seconds[way].append(took)
             if experts is not None:
                 distinct[way].append(experts)
