@@ -70,9 +70,9 @@ def generate(model, way: str, input_ids, args) -> tuple[float, float | None]:
     `input_ids` in `way` (no expert count for `stock`, which records nothing)."""
     now = make_clock(args)
     gc.collect()
-    synchronize(args.device)
-    start = now()
-    with torch.no_grad(), routed(model, way) as recording:
+    with torch.no_grad(), routed(model, way) as recording:  # hooks installed before the clock starts
+        synchronize(args.device)
+        start = now()
         output = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -81,8 +81,8 @@ def generate(model, way: str, input_ids, args) -> tuple[float, float | None]:
             do_sample=False,
             pad_token_id=0,
         )
-    synchronize(args.device)
-    seconds = now() - start
+        synchronize(args.device)
+        seconds = now() - start
     assert output.shape[1] == input_ids.shape[1] + args.completion
     return seconds, (None if recording is None else distinct_experts_per_decode_step(recording.steps))
 
