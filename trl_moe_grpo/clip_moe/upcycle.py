@@ -219,12 +219,11 @@ def upcycle_clip(
     else:
         if pairs is not None:
             raise MoEGRPOError(f"`pairs` are the training data of init='multiplet'; init={init!r} uses none.")
-        expert_init = ExpertInit(init, noise_std=noise_std, drop_ratio=drop_ratio, router_std=router_std, seed=seed)
-        moe = upcycle_clip_model(
+        moe = upcycle_clip_model(  # validates the init options before anything is written
             dense,
             num_experts,
             top_k,
-            expert_init.kind,
+            init,
             noise_std=noise_std,
             drop_ratio=drop_ratio,
             router_std=router_std,
