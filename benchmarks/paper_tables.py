@@ -196,13 +196,13 @@ def measure(
 ) -> dict[str, Any]:
     """Held-out accuracy per task (greedy, stock top-K) and the routing analysis of the held-out prompts; with
     `figures`, the expert utilization per task and one example's routing probabilities are drawn there."""
-    from trl_moe_grpo.evaluation import evaluate_accuracy
-    from trl_moe_grpo.routing import RoutingController
-    from trl_moe_grpo.routing_analysis import (
+    from trl_moe_grpo.analysis.accuracy import evaluate_accuracy
+    from trl_moe_grpo.analysis.routing import (
         analyze_routing,
         plot_expert_utilization_by_task,
         plot_routing_probabilities,
     )
+    from trl_moe_grpo.routing import RoutingController
 
     accuracy = evaluate_accuracy(model, processor, rows, reward, batch_size=64, max_new_tokens=max_new_tokens)
     controller = RoutingController(model)
@@ -221,7 +221,7 @@ def train_arm(
     arm: Arm, seed: int, args: argparse.Namespace, train, rows: list[dict], reward: Callable, figures: Path | None
 ) -> dict:
     from trl_moe_grpo import MoEGRPOConfig, MoEGRPOTrainer, MoESFTConfig, MoESFTTrainer
-    from trl_moe_grpo.sft import sft_rows_from_answers
+    from trl_moe_grpo.data_utils import sft_rows_from_answers
 
     model, processor = load_model(args.model)
     common = dict(

@@ -240,7 +240,7 @@ def instrument(trainer, clock: PhaseClock) -> None:
 def trace_building_timed(clock: PhaseClock, trace_sizes: list[float]):
     """Time the trace functions where the trainer calls them (module globals of `grpo_trainer`), and note the bytes
     per token of every trace `pad_routes` builds."""
-    from trl_moe_grpo import grpo_trainer
+    from trl_moe_grpo.trainer import grpo_trainer
 
     originals = {name: getattr(grpo_trainer, name) for name in ("split_rollout_routes", "pad_routes")}
 

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
+from trl_moe_grpo.analysis.accuracy import evaluate_accuracy
+from trl_moe_grpo.data_utils import calibration_batches, encode_conversations
 from trl_moe_grpo.demo.visual_mc import TASKS, accuracy_reward, parse_choice, visual_mc_rows
-from trl_moe_grpo.evaluation import evaluate_accuracy
-from trl_moe_grpo.prompts import calibration_batches, encode_conversations
 from trl_moe_grpo.routing import RoutingController
 from trl_moe_grpo.testing import build_tiny_internvl_processor
 from trl_moe_grpo.upcycle import ExpertInit, upcycle

@@ -1,6 +1,6 @@
 """Rebuild the bundled tiny CLIP from nothing, reproducibly by seed (a few minutes on 2 CPU cores).
 
-1. A tiny dense CLIP (`trl_moe_grpo.clip_moe.tiny`): 32x32 images in 8x8 patches, vision width 64 x 4 layers, text
+1. A tiny dense CLIP (`trl_moe_grpo.testing.clip`): 32x32 images in 8x8 patches, vision width 64 x 4 layers, text
    width 64 x 2 layers, a word-level tokenizer over the generated world's vocabulary, CLIP's image processor at 32x32.
 2. Brief contrastive pre-training on generated image-caption pairs (`trl_moe_grpo.clip_moe.images.caption_pairs`:
    four object families, eight colours, mostly plain images with some sketches, inversions, noise and rotations).
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from trl_moe_grpo.clip_moe.contrastive import pretrain_contrastive
 from trl_moe_grpo.clip_moe.evaluation import evaluate_suites
 from trl_moe_grpo.clip_moe.images import SUITES
-from trl_moe_grpo.clip_moe.tiny import pretrain_contrastive, tiny_clip
+from trl_moe_grpo.testing.clip import tiny_clip
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 from trl_moe_grpo import MoEGRPOError, RoutingController
 from trl_moe_grpo.cli import main
 from trl_moe_grpo.clip_moe import CLIPMoeModel, CLIPMoeTopKRouter, upcycle_clip_model, vision_encoder
-from trl_moe_grpo.clip_moe.tiny import tiny_clip, tiny_clip_moe
 from trl_moe_grpo.routing import find_routers
 from trl_moe_grpo.routing.adapters import SoftmaxTopKAdapter
+from trl_moe_grpo.testing.clip import tiny_clip, tiny_clip_moe
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from transformers import AutoModel
 from trl_moe_grpo.cli import main
 from trl_moe_grpo.clip_moe.images import caption_pairs
 from trl_moe_grpo.clip_moe.multiplet import diversified_multiplet_upcycle, group_batches, kmeans
-from trl_moe_grpo.clip_moe.tiny import tiny_clip
+from trl_moe_grpo.testing.clip import tiny_clip
 
 torch.set_num_threads(1)
 

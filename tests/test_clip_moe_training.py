@@ -15,8 +15,8 @@ from trl_moe_grpo.clip_moe.config import CLIPDetFTConfig, CLIPMoEGRPOConfig
 from trl_moe_grpo.clip_moe.evaluation import zero_shot_accuracy
 from trl_moe_grpo.clip_moe.images import classification_dataset
 from trl_moe_grpo.clip_moe.rewards import classification_rewards, group_advantages
-from trl_moe_grpo.clip_moe.tiny import tiny_clip_moe
 from trl_moe_grpo.clip_moe.trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
+from trl_moe_grpo.testing.clip import tiny_clip_moe
 
 torch.set_num_threads(1)
 

@@ -37,8 +37,9 @@ needs_deepspeed = pytest.mark.skipif(
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny InternVL-MoE and its processor, saved, plus the modality statistics the recipe would calibrate."""
     from trl_moe_grpo.demo.visual_mc import visual_mc_dataset
-    from trl_moe_grpo.guidance import calibrate, vision_token_ids
+    from trl_moe_grpo.guidance import calibrate
     from trl_moe_grpo.routing import RoutingController
+    from trl_moe_grpo.routing.introspection import vision_token_ids
     from trl_moe_grpo.testing import build_tiny_internvl_processor, tiny_moe_internvl
 
     folder = tmp_path_factory.mktemp("tiny-internvl-moe")

@@ -15,8 +15,8 @@ from trl.data_utils import prepare_multimodal_messages
 
 from trl_moe_grpo import MoEGRPOTrainer, RoutingController
 from trl_moe_grpo.demo.visual_mc import NUM_FIND_IMAGES, NUM_FRAMES, accuracy_reward, visual_mc_rows
-from trl_moe_grpo.guidance import vision_token_ids
 from trl_moe_grpo.routing import pad_routes, split_rollout_routes
+from trl_moe_grpo.routing.introspection import vision_token_ids
 from trl_moe_grpo.testing import (
     build_tiny_internvl_processor,
     build_tiny_qwen3_vl_processor,

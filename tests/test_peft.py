@@ -125,7 +125,7 @@ def test_frozen_routers_with_a_gate_loss_are_refused(tmp_path, tokenizer, datase
 def test_sft_baseline_under_lora_trains_the_routers(tmp_path, tokenizer, dataset):
     """The fine-tuning baselines under LoRA: the routers are added to the adapter too, and move in training."""
     from trl_moe_grpo import MoESFTConfig, MoESFTTrainer
-    from trl_moe_grpo.sft import sft_rows_from_answers
+    from trl_moe_grpo.data_utils import sft_rows_from_answers
 
     args = MoESFTConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",

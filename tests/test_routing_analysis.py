@@ -13,10 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_moe_grpo import MoEGRPOError, RoutingController
-from trl_moe_grpo.cli import main
-from trl_moe_grpo.demo.visual_mc import TASKS, visual_mc_dataset
-from trl_moe_grpo.prompts import calibration_batches
-from trl_moe_grpo.routing_analysis import (
+from trl_moe_grpo.analysis.routing import (
     RoutingAnalysis,
     analyze_routing,
     collect_routing,
@@ -33,6 +30,9 @@ from trl_moe_grpo.routing_analysis import (
     selection_counts,
     sequence_routing_entropy,
 )
+from trl_moe_grpo.cli import main
+from trl_moe_grpo.data_utils import calibration_batches
+from trl_moe_grpo.demo.visual_mc import TASKS, visual_mc_dataset
 from trl_moe_grpo.testing import build_tiny_internvl_processor, tiny_dense_internvl, tiny_moe_internvl
 
 LN2 = math.log(2)
@@ -247,8 +247,9 @@ def test_plotting_stays_optional():
     code = """
 import sys
 sys.modules["matplotlib"] = None  # as if not installed: importing it raises ImportError
-import trl_moe_grpo, trl_moe_grpo.routing_analysis, trl_moe_grpo.training_report, trl_moe_grpo.commands.analyze_routing
-from trl_moe_grpo.plotting import has_matplotlib, pyplot
+import trl_moe_grpo, trl_moe_grpo.analysis.routing, trl_moe_grpo.trainer.callbacks
+import trl_moe_grpo.commands.analyze_routing
+from trl_moe_grpo.analysis.plots import has_matplotlib, pyplot
 from trl_moe_grpo import MoEGRPOError
 try:
     pyplot()

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from trl import SFTConfig, SFTTrainer
 
 from trl_moe_grpo import MoEGRPOError, MoESFTConfig, MoESFTTrainer
+from trl_moe_grpo.data_utils import sft_rows_from_answers
 from trl_moe_grpo.demo.visual_mc import visual_mc_rows
 from trl_moe_grpo.losses import routed_load_balancing_loss
-from trl_moe_grpo.sft import ROUTING_FILE, sft_rows_from_answers
 from trl_moe_grpo.testing import build_tiny_internvl_processor, tiny_dense_model, tiny_moe_internvl, tiny_moe_model
+from trl_moe_grpo.trainer.sft_config import ROUTING_FILE
 
 MODES = ["topk", "sample", "noise", "expert_choice", "sinkhorn"]
 

@@ -17,9 +17,9 @@ from datasets import Dataset
 from trl import GRPOTrainer, SFTTrainer
 
 from trl_moe_grpo import MoEGRPOTrainer, MoESFTConfig, MoESFTTrainer
-from trl_moe_grpo.sft import sft_rows_from_answers
+from trl_moe_grpo.data_utils import sft_rows_from_answers
 from trl_moe_grpo.testing import tiny_moe_model
-from trl_moe_grpo.trainer_common import MoETrainerMixin
+from trl_moe_grpo.trainer.common import MoETrainerMixin
 
 # Parameters (name, default) of each TRL / transformers method the trainers override, as of TRL 1.16 and
 # transformers 5.23. Annotations are left out: they change without changing calls.

@@ -137,7 +137,7 @@ def test_bundled_model_loads_is_moe_and_beats_chance():
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from trl_moe_grpo.evaluation import evaluate_accuracy
+    from trl_moe_grpo.analysis.accuracy import evaluate_accuracy
     from trl_moe_grpo.routing import RoutingController
 
     model = AutoModelForImageTextToText.from_pretrained(BUNDLED, dtype=torch.float32)

@@ -4,13 +4,14 @@ Where the method's ideas live:
 
 - sampled routing ............ `routing/sampling.py` (Gumbel-top-K), driven by `routing/controller.py`
 - routing replay ............. `routing/controller.py` (replay mode) and `routing/traces.py` (the trace layout)
-- Token-GRPO ................. TRL's token loss, computed under replay: `grpo_trainer.py`
-- Gate-GRPO .................. `losses.py` (`set_log_prob`, `clipped_objective`), added in `grpo_trainer.py`
+- Token-GRPO ................. TRL's token loss, computed under replay: `trainer/grpo_trainer.py`
+- Gate-GRPO .................. `losses.py` (`set_log_prob`, `clipped_objective`), added in `trainer/grpo_trainer.py`
 - modality-aware guidance .... `guidance.py` (statistics, masks), applied by the controller's sampler
 
-Around them: the fine-tuning baselines and routing schemes the method is compared with (`sft.py`,
-`routing/assignment.py`), the routers' own learning rate (`optim.py`), and the routing analyses
-(`routing_analysis.py`).
+Around them: the trainers (`trainer/`, laid out like TRL's), the fine-tuning baselines and routing schemes the method
+is compared with (`trainer/sft_trainer.py`, `routing/assignment.py`), the routing analyses (`analysis/`), upcycling
+dense models (`upcycle/`), CLIP-MoE (`clip_moe/`), vLLM rollouts (`vllm_routing/`) and the command line
+(`commands/`). `docs/design.md` is the map.
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ _LAZY = {
     "CLIPMoEGRPOConfig": "clip_moe",
     "CLIPMoEGRPOTrainer": "clip_moe",
     "CLIPMoeModel": "clip_moe",
-    "MoEGRPOConfig": "grpo_config",
+    "MoEGRPOConfig": "trainer",
     "MoEGRPOError": "errors",
-    "MoEGRPOTrainer": "grpo_trainer",
-    "MoESFTConfig": "sft",
-    "MoESFTTrainer": "sft",
+    "MoEGRPOTrainer": "trainer",
+    "MoEReportCallback": "trainer",
+    "MoESFTConfig": "trainer",
+    "MoESFTTrainer": "trainer",
     "RoutingController": "routing",
     "ModalityStatistics": "guidance",
-    "upcycle": "upcycle",
 }
+# Subpackages reachable as attributes without an explicit import: `trl_moe_grpo.upcycle` is always the subpackage
+# (its conversion function is `trl_moe_grpo.upcycle.upcycle`).
+_SUBPACKAGES = {"upcycle"}
 
 __all__ = [
     "CLIPDetFTConfig",
@@ -47,6 +51,7 @@ __all__ = [
     "MoEGRPOConfig",
     "MoEGRPOError",
     "MoEGRPOTrainer",
+    "MoEReportCallback",
     "MoESFTConfig",
     "MoESFTTrainer",
     "RoutingController",
@@ -55,17 +60,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from . import upcycle
     from .clip_moe import CLIPDetFTConfig, CLIPDetFTTrainer, CLIPMoEGRPOConfig, CLIPMoEGRPOTrainer, CLIPMoeModel
     from .errors import MoEGRPOError
-    from .grpo_config import MoEGRPOConfig
-    from .grpo_trainer import MoEGRPOTrainer
     from .guidance import ModalityStatistics
     from .routing import RoutingController
-    from .sft import MoESFTConfig, MoESFTTrainer
-    from .upcycle import upcycle
+    from .trainer import MoEGRPOConfig, MoEGRPOTrainer, MoEReportCallback, MoESFTConfig, MoESFTTrainer
 
 
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _LAZY:
         raise AttributeError(f"module 'trl_moe_grpo' has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from .data_utils import calibration_batches
 from .errors import MoEGRPOError
-from .prompts import calibration_batches
 from .routing.controller import TEXT, VISION, RoutingController
+from .routing.introspection import model_identity
 
 FORMAT = "trl-moe-grpo/modality-statistics"
 FORMAT_VERSION = 1
@@ -141,24 +142,6 @@ class ModalityStatistics:
             [[layer["counts"][MODALITIES[m]] for m in MODALITIES] for layer in data["layers"]], dtype=torch.long
         )
         return cls(counts=counts, model=data["model"], num_samples=data.get("num_samples", 0))
-
-
-def vision_token_ids(model: torch.nn.Module) -> list[int]:
-    """The image and video placeholder token ids a vision-language model's config declares (none for text models)."""
-    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-    return [getattr(model.config, n) for n in names if isinstance(getattr(model.config, n, None), int)]
-
-
-def model_identity(model: torch.nn.Module, controller: RoutingController) -> dict[str, Any]:
-    """What a statistics file records about the model it was measured on."""
-    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
-    return {
-        "architecture": architectures[0],
-        "num_layers": controller.num_layers,
-        "num_experts": controller.num_experts,
-        "top_k": controller.top_k,
-        "router_layers": controller.layer_names,
-    }
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .errors import MoEGRPOError
-from .guidance import vision_token_ids
+from .routing.introspection import vision_token_ids
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -22,7 +22,7 @@ Followed from the official implementation's README and training scripts (OpenSpa
 the miniature generated ones); the k-means (plain Lloyd iterations with k-means++ seeding instead of scikit-learn's
 mini-batch k-means); the optimizer (AdamW at a constant learning rate without weight decay or warm-up, no mixed
 precision; the official script uses a cosine schedule with warm-up and weight decay 0.2); the logit scale (the dense
-CLIP's, where the official script resets it to 100); the loss (`tiny.contrastive_loss`, CLIP's loss with soft
+CLIP's, where the official script resets it to 100); the loss (`contrastive.contrastive_loss`, CLIP's loss with soft
 targets over identical captions, which generated captions need); the text tower (dense, no text experts); and the
 size of everything.
 """
@@ -40,8 +40,8 @@ from transformers import CLIPModel
 from ..errors import MoEGRPOError
 from ..losses import routed_load_balancing_loss
 from ..routing import RoutingController
+from .contrastive import contrastive_loss, tokenize_captions
 from .modeling import CLIPMoeModel, vision_encoder
-from .tiny import MAX_TEXT_LENGTH, contrastive_loss
 from .upcycle import upcycle_clip_model
 
 
@@ -155,7 +155,7 @@ def diversified_multiplet_upcycle(
         raise MoEGRPOError(f"{len(images)} pairs are fewer than one batch ({batch_size}): pass more pairs.")
     generator = torch.Generator().manual_seed(seed)
     pixels = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-    text = tokenizer(list(captions), padding="max_length", max_length=MAX_TEXT_LENGTH, return_tensors="pt")
+    text = tokenize_captions(tokenizer, captions, dense)
     caption_ids = torch.tensor([hash(c) for c in captions])
     report = MultipletReport()
 

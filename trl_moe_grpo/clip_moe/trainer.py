@@ -35,8 +35,8 @@ from transformers import Trainer
 
 from ..errors import MoEGRPOError
 from ..losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
-from ..optim import set_router_learning_rate
 from ..routing import RoutingController
+from ..trainer.optim import set_router_learning_rate
 from .classify import class_embeddings, class_names_of, image_logits, pixel_values
 from .config import CLIPClassificationConfig, CLIPDetFTConfig, CLIPMoEGRPOConfig
 from .evaluation import zero_shot_accuracy

@@ -11,19 +11,11 @@ else (text tower, attention, embeddings, projections, logit scale) is copied unc
 With `copy` and the top-K weights renormalized (`norm_topk_prob=True`, the default), the CLIP-MoE computes exactly
 the dense CLIP's image embeddings (tested).
 
-`init="multiplet"` is the CLIP-MoE paper's Diversified Multiplet Upcycling instead: the experts are the MLPs of
-several CLIP fine-tunes obtained by multistage contrastive learning on image-caption pairs (`multiplet.py`, where
-what follows the official implementation and what differs is listed).
-
-CLIP models are small, so the conversion builds both models in memory (unlike the streaming language-model
-upcycler), and writes the result with `save_pretrained` (safetensors and JSON) next to the source's tokenizer and
-image processor.
+This module converts in memory; `convert.py` upcycles a saved CLIP folder into a saved CLIP-MoE folder, and
+`multiplet.py` is the CLIP-MoE paper's Diversified Multiplet Upcycling, which builds on this conversion.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 from transformers import CLIPModel
@@ -31,34 +23,6 @@ from transformers import CLIPModel
 from ..errors import MoEGRPOError
 from ..upcycle.init import DEFAULT_INIT, ExpertInit
 from .modeling import CLIPMoeConfig, CLIPMoeModel
-
-
-@dataclass
-class CLIPUpcycleResult:
-    """What `upcycle_clip` wrote.
-
-    Attributes:
-        output_dir: the output folder.
-        conversion: `clip -> clip_moe`.
-        moe_layers: the vision-encoder layers that became MoE layers.
-        dense_parameters, total_parameters, active_parameters: parameter counts (active: per token, top-K experts).
-        copied: what was copied besides the weights (`tokenizer`, `image_processor`).
-    """
-
-    output_dir: str
-    conversion: str
-    moe_layers: list[int]
-    dense_parameters: int
-    total_parameters: int
-    active_parameters: int
-    copied: list[str]
-
-    def summary(self) -> str:
-        return (
-            f"{self.conversion}: MoE layers {self.moe_layers}; parameters dense {self.dense_parameters:,}, MoE total "
-            f"{self.total_parameters:,}, active per token {self.active_parameters:,}; copied: "
-            f"{', '.join(self.copied) or 'nothing'}; wrote {self.output_dir}"
-        )
 
 
 def moe_config_from_clip(
@@ -163,142 +127,6 @@ def _noisy(init: ExpertInit, bias: torch.Tensor, key: str) -> torch.Tensor:
     std = value.std() if value.numel() > 1 else torch.tensor(0.0)
     noise = torch.randn(value.shape, generator=init.generator(key))
     return (value + noise * (init.noise_std * std)).to(bias.dtype)
-
-
-def is_clip_folder(source: str) -> bool:
-    """Whether `source` is a local folder holding a dense CLIP (`config.json` with `model_type` 'clip')."""
-    import json
-
-    path = os.path.join(source, "config.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("model_type") == "clip"
-
-
-def upcycle_clip(
-    source: str,
-    output_dir: str,
-    num_experts: int = 8,
-    top_k: int = 2,
-    init: str = DEFAULT_INIT,
-    *,
-    noise_std: float = 0.01,
-    drop_ratio: float = 0.5,
-    router_std: float = 0.02,
-    seed: int = 0,
-    moe_layers: list[int] | None = None,
-    overwrite: bool = False,
-    pairs=None,
-) -> CLIPUpcycleResult:
-    """Upcycle the dense CLIP saved in the folder `source` into a CLIP-MoE saved in `output_dir`.
-
-    The tokenizer and image processor of `source`, when it has them, are saved beside the model. The output loads
-    with `transformers.AutoModel.from_pretrained(output_dir)` once `trl_moe_grpo.clip_moe` is imported.
-
-    `init="multiplet"` is the CLIP-MoE paper's Diversified Multiplet Upcycling (`multiplet.py`): it trains, so it
-    needs `pairs`, a dataset (or list of rows) with `image` and `caption` columns, and the source's tokenizer and
-    image processor; `noise_std`, `drop_ratio` and `router_std` do not apply to it.
-
-    Raises:
-        MoEGRPOError: the source is not a local dense CLIP folder, the output holds a model (without `overwrite`), or
-            the options are invalid.
-    """
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from ..upcycle.convert import prepare_output
-
-    if not os.path.isdir(source) or not is_clip_folder(source):
-        raise MoEGRPOError(
-            f"{source!r} is not a local folder with a dense CLIP (config.json with model_type 'clip'). Save one with "
-            "`CLIPModel.save_pretrained(folder)`."
-        )
-    dense = CLIPModel.from_pretrained(source)
-    if init == "multiplet":
-        moe = _multiplet(dense, source, pairs, num_experts, top_k, seed, moe_layers)
-    else:
-        if pairs is not None:
-            raise MoEGRPOError(f"`pairs` are the training data of init='multiplet'; init={init!r} uses none.")
-        moe = upcycle_clip_model(  # validates the init options before anything is written
-            dense,
-            num_experts,
-            top_k,
-            init,
-            noise_std=noise_std,
-            drop_ratio=drop_ratio,
-            router_std=router_std,
-            seed=seed,
-            moe_layers=moe_layers,
-        )
-    prepare_output(source, output_dir, overwrite)
-    moe.save_pretrained(output_dir)
-    copied = []
-    for name, loader in (("tokenizer", AutoTokenizer), ("image_processor", AutoImageProcessor)):
-        try:
-            loader.from_pretrained(source).save_pretrained(output_dir)
-            copied.append(name)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # the source has none: the user brings their own
-    return CLIPUpcycleResult(
-        output_dir=output_dir,
-        conversion="clip -> clip_moe",
-        moe_layers=[
-            i for i in range(moe.config.vision_config.num_hidden_layers) if moe.config.vision_config.is_moe_layer(i)
-        ],
-        dense_parameters=sum(p.numel() for p in dense.parameters()),
-        total_parameters=sum(p.numel() for p in moe.parameters()),
-        active_parameters=active_parameters(moe),
-        copied=copied,
-    )
-
-
-def clip_parameter_summary(source: str, num_experts: int = 8, top_k: int = 2) -> str:
-    """Dense, MoE-total and active parameter counts of upcycling the CLIP in `source`, built on the meta device."""
-    from transformers import AutoConfig
-
-    dense_config = AutoConfig.from_pretrained(source)
-    config = moe_config_from_clip(dense_config, num_experts, top_k)
-    with torch.device("meta"):
-        dense, moe = CLIPModel(dense_config), CLIPMoeModel(config)
-    return (
-        f"clip -> clip_moe ({num_experts} experts, top-{top_k}): parameters dense "
-        f"{sum(p.numel() for p in dense.parameters()):,}, MoE total {sum(p.numel() for p in moe.parameters()):,}, "
-        f"active per token {active_parameters(moe):,}"
-    )
-
-
-def _multiplet(dense, source: str, pairs, num_experts: int, top_k: int, seed: int, moe_layers) -> CLIPMoeModel:
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from .multiplet import diversified_multiplet_upcycle
-
-    if moe_layers is not None:
-        raise MoEGRPOError("init='multiplet' makes every vision layer an MoE layer; leave `moe_layers` unset.")
-    if pairs is None:
-        raise MoEGRPOError(
-            "init='multiplet' trains on image-caption pairs: pass `pairs` (`--pairs DATASET` on the command line), "
-            "a dataset with `image` and `caption` columns."
-        )
-    columns = sorted(pairs[0]) if isinstance(pairs, list) else list(pairs.column_names)
-    if "image" not in columns or "caption" not in columns:
-        raise MoEGRPOError(
-            f"The pairs have columns {', '.join(columns)}; Diversified Multiplet Upcycling needs `image` and "
-            "`caption` columns."
-        )
-    try:
-        tokenizer, image_processor = AutoTokenizer.from_pretrained(source), AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise MoEGRPOError(
-            f"init='multiplet' needs the tokenizer and image processor of {source!r} ({error}): save them beside the "
-            "model."
-        ) from error
-    images = [row["image"] for row in pairs] if isinstance(pairs, list) else list(pairs["image"])
-    captions = [row["caption"] for row in pairs] if isinstance(pairs, list) else list(pairs["caption"])
-    images = [image.convert("RGB") if hasattr(image, "convert") else image for image in images]
-    moe, _ = diversified_multiplet_upcycle(
-        dense, tokenizer, image_processor, images, captions, num_experts, top_k, seed=seed
-    )
-    return moe
 
 
 def active_parameters(model: CLIPMoeModel) -> int:

@@ -19,7 +19,7 @@ class AnalyzeCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         import json
 
-        from ..analysis import modality_table, plot_modality_scores
+        from ..analysis.modality import modality_table, plot_modality_scores
         from ..guidance import ModalityStatistics
 
         stats = ModalityStatistics.load(args.stats)

@@ -46,10 +46,7 @@ class AnalyzeRoutingCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from ..errors import MoEGRPOError
-        from ..loading import load_dataset_split, load_model_and_processor
-        from ..routing import RoutingController
-        from ..routing_analysis import (
+        from ..analysis.routing import (
             analyze_routing,
             format_routing_table,
             plot_expert_utilization_by_task,
@@ -57,6 +54,9 @@ class AnalyzeRoutingCommand(Command):
             plot_token_activations,
             save_routing_analyses,
         )
+        from ..errors import MoEGRPOError
+        from ..loading import load_dataset_split, load_model_and_processor
+        from ..routing import RoutingController
 
         if args.num_samples < 1 or args.batch_size < 1:
             raise MoEGRPOError("--num-samples and --batch-size must be at least 1.")

@@ -45,12 +45,12 @@ class UpcycleCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
-        from ..clip_moe.upcycle import is_clip_folder
+        from ..clip_moe.convert import is_clip_folder
         from ..errors import MoEGRPOError
         from ..upcycle import parameter_report, upcycle
 
         if args.dry_run and args.source is not None and is_clip_folder(args.source):
-            from ..clip_moe.upcycle import clip_parameter_summary
+            from ..clip_moe.convert import clip_parameter_summary
 
             print(clip_parameter_summary(args.source, args.num_experts, args.top_k))
             return 0
@@ -65,7 +65,7 @@ class UpcycleCommand(Command):
         if args.init == "multiplet" and not is_clip_folder(args.source):
             raise MoEGRPOError("--init multiplet (Diversified Multiplet Upcycling) applies to CLIP sources only.")
         if is_clip_folder(args.source):  # CLIP -> CLIP-MoE: the vision encoder's MLPs become experts
-            from ..clip_moe.upcycle import upcycle_clip
+            from ..clip_moe.convert import upcycle_clip
             from ..loading import load_dataset_split
 
             pairs = load_dataset_split(args.pairs, args.pairs_split) if args.pairs else None

@@ -26,7 +26,7 @@ from transformers.utils import logging
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from trl_moe_grpo.errors import MoEGRPOError
-from trl_moe_grpo.grpo_config import MoEGRPOConfig
+from trl_moe_grpo.trainer.grpo_config import MoEGRPOConfig
 
 logger = logging.get_logger(__name__)
 
@@ -329,8 +329,8 @@ def main(script_args: GRPOScriptArguments, training_args: MoEGRPOConfig, model_a
     from trl import get_peft_config
 
     from trl_moe_grpo.distributed import start_deepspeed_comm, write_run_info
-    from trl_moe_grpo.grpo_trainer import MoEGRPOTrainer
-    from trl_moe_grpo.training_report import MoEReportCallback
+    from trl_moe_grpo.trainer.callbacks import MoEReportCallback
+    from trl_moe_grpo.trainer.grpo_trainer import MoEGRPOTrainer
 
     if not model_args.model_name_or_path:
         raise MoEGRPOError("No model: set `model_name_or_path` (a hub name or a local folder).")

@@ -9,6 +9,10 @@
 - `presets/`      published architectures (InternVL3.5-1B) as config files
 """
 
+import sys
+import types
+import warnings
+
 from .convert import UpcycleResult, upcycle
 from .init import DEFAULT_INIT, EXPERT_INITS, ExpertInit
 from .presets import PRESETS
@@ -27,3 +31,20 @@ __all__ = [
     "supported_sources",
     "upcycle",
 ]
+
+
+class _CallableForOneRelease(types.ModuleType):
+    """`trl_moe_grpo.upcycle` used to be the function on first access; calling the subpackage still works, with a
+    warning, for one release."""
+
+    def __call__(self, *args, **kwargs):
+        warnings.warn(
+            "`trl_moe_grpo.upcycle` is the upcycling subpackage; call `trl_moe_grpo.upcycle.upcycle(...)` "
+            "(`from trl_moe_grpo.upcycle import upcycle`). Calling the subpackage stops working in the next release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return upcycle(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableForOneRelease

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import MoEGRPOError
+from ..errors import MoEGRPOError
 
 
 def has_matplotlib() -> bool:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .errors import MoEGRPOError
+from ..errors import MoEGRPOError
+from ..routing import RoutingController, find_routers
 from .optim import set_router_learning_rate
-from .routing import RoutingController, find_routers
 
 logger = logging.get_logger(__name__)
 

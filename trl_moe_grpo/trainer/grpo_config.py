@@ -7,9 +7,9 @@ from typing import Literal
 
 from trl import GRPOConfig
 
-from .errors import MoEGRPOError
-from .losses import GATE_LOSS_TYPES
-from .vllm_routing.options import check_vllm_generation_options
+from ..errors import MoEGRPOError
+from ..losses import GATE_LOSS_TYPES
+from ..vllm_routing.options import check_vllm_generation_options
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .prompts import calibration_batches
+from ..data_utils import calibration_batches
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .errors import MoEGRPOError
-from .plotting import has_matplotlib, pyplot, save_figure
+from ..analysis.plots import has_matplotlib, pyplot, save_figure
+from ..errors import MoEGRPOError
 
 logger = logging.get_logger(__name__)
 

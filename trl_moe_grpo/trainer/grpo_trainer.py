@@ -37,17 +37,18 @@ from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from .errors import MoEGRPOError
+from ..analysis.routing import RoutingAnalysis
+from ..errors import MoEGRPOError
+from ..guidance import ModalityStatistics, calibrate
+from ..losses import balance_loss_given_load, clipped_objective, expert_load, reduce_like_trl, set_log_prob
+from ..routing import RoutingController, pad_routes, split_rollout_routes
+from ..routing.controller import LayerCapture
+from ..routing.introspection import model_identity, vision_token_ids
+from ..vllm_routing.options import refuse_vision_language_model
+from ..zero3 import gathered_parameters
+from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
 from .eval_routing import EvalRoutingCollector
 from .grpo_config import MoEGRPOConfig
-from .guidance import ModalityStatistics, calibrate, model_identity, vision_token_ids
-from .losses import balance_loss_given_load, clipped_objective, expert_load, reduce_like_trl, set_log_prob
-from .routing import RoutingController, pad_routes, split_rollout_routes
-from .routing.controller import LayerCapture
-from .routing_analysis import RoutingAnalysis
-from .trainer_common import MoETrainerMixin, peft_config_training_routers, resolve_args
-from .vllm_routing.options import refuse_vision_language_model
-from .zero3 import gathered_parameters
 
 logger = logging.get_logger(__name__)
 
@@ -131,7 +132,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             kwargs["peft_config"] = peft_config_training_routers(kwargs["peft_config"], model, args)
         building = contextlib.nullcontext()
         if args.use_vllm:  # TRL builds the engine in its __init__: ours samples and records routes (docs/vllm.md)
-            from .vllm_routing.generation import routed_vllm_generation
+            from ..vllm_routing.generation import routed_vllm_generation
 
             refuse_vision_language_model(model)
             building = routed_vllm_generation()

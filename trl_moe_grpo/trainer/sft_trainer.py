@@ -1,4 +1,4 @@
-"""`MoESFTConfig` and `MoESFTTrainer`: supervised fine-tuning baselines for MoE models, on TRL's `SFTTrainer`.
+"""`MoESFTTrainer`: supervised fine-tuning baselines for MoE models, on TRL's `SFTTrainer`.
 
 The paper compares MoE-GRPO with supervised fine-tuning of the same MoE model on the same data, and compares routing
 schemes. Each is one value of `train_routing`, the routing of the *training* forward (evaluation and inference always
@@ -25,8 +25,8 @@ How it hooks into TRL (each override is the narrowest method that does the job a
 - `create_optimizer`: an optional learning rate of the routers' own (`router_learning_rate`).
 - `_save`: the routing options next to every checkpoint (`moe_sft_routing.json`).
 
-`sft_rows_from_answers` turns a MoE-GRPO dataset (`prompt` + `answer`) into the prompt-completion rows SFT trains on,
-so both methods see exactly the same data.
+`data_utils.sft_rows_from_answers` turns a MoE-GRPO dataset (`prompt` + `answer`) into the prompt-completion rows SFT
+trains on, so both methods see exactly the same data. The configuration is `sft_config.MoESFTConfig`.
 """
 
 from __future__ import annotations
@@ -35,180 +35,20 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers.utils import logging
-from trl import SFTConfig, SFTTrainer
-from trl.data_utils import is_conversational
+from trl import SFTTrainer
 
-from .errors import MoEGRPOError
-from .losses import routed_load_balancing_loss
-from .routing import RoutingController, find_routers
-from .routing.controller import TRAINING_ROUTINGS, TrainingCapture, TrainingRoutes
-from .trainer_common import MoETrainerMixin, peft_config_training_routers, resolve_args, user_router_logits_flag
+from ..errors import MoEGRPOError
+from ..losses import routed_load_balancing_loss
+from ..routing import RoutingController, find_routers
+from ..routing.controller import TrainingCapture, TrainingRoutes
+from .common import MoETrainerMixin, peft_config_training_routers, resolve_args, user_router_logits_flag
+from .sft_config import ROUTING_FILE, ROUTING_OPTIONS, MoESFTConfig
 
 logger = logging.get_logger(__name__)
-
-ROUTING_FILE = "moe_sft_routing.json"
-# Saved with every checkpoint and final model.
-ROUTING_OPTIONS = (
-    "train_routing",
-    "routing_noise_std",
-    "expert_capacity_factor",
-    "sinkhorn_iterations",
-    "router_learning_rate",
-)
-
-
-@dataclass
-class MoESFTConfig(SFTConfig):
-    r"""
-    Configuration class for [`MoESFTTrainer`]: every parameter of `trl.SFTConfig`, plus the ones below.
-
-    Parameters:
-        > Parameters that control the training forward's routing
-
-        train_routing (`str`, *optional*, defaults to `"topk"`):
-            How the routers choose experts in the training forward. `"topk"`: the stock top-K (Det-FT). `"sample"`:
-            K experts per token drawn without replacement from the gate probabilities (Stoch-FT-Multi). `"noise"`:
-            Gaussian noise of std `routing_noise_std` on the gate log-scores, then top-K (Stoch-FT-Noise).
-            `"expert_choice"`: every expert takes the tokens of the batch it scores highest, up to its capacity
-            (Expert Choice routing). `"sinkhorn"`: Sinkhorn iterations balance the batch's gate probabilities to equal
-            expert loads, then each token takes its top-K (optimal-transport routing). The last two route a token by
-            looking at the whole batch, later tokens included, so they exist for training only. Evaluation and
-            inference always use top-K.
-        routing_noise_std (`float`, *optional*, defaults to `1.0`):
-            Standard deviation of the gate noise of `train_routing="noise"`.
-        expert_capacity_factor (`float`, *optional*, defaults to `1.0`):
-            Capacity factor of `train_routing="expert_choice"`: each expert takes
-            `ceil(expert_capacity_factor * tokens * top_k / num_experts)` of a layer's non-padding tokens, so `1.0`
-            fills as many expert slots as top-K routing does. A token no expert takes passes through the residual
-            connection only; one taken by more than top_k experts keeps its top_k most probable ones.
-        sinkhorn_iterations (`int`, *optional*, defaults to `3`):
-            Sinkhorn iterations of `train_routing="sinkhorn"` (each normalizes tokens, then experts).
-
-        > Parameters that control the routers' optimization
-
-        router_learning_rate (`float` or `None`, *optional*, defaults to `None`):
-            Peak learning rate of the router weights, shaped by the same scheduler as `learning_rate`. `None` uses
-            `learning_rate`.
-
-    The load-balancing loss (`router_aux_loss_coef`, inherited: `None` takes the coefficient of the model's config, `0`
-    turns it off) is computed on the experts the tokens were dispatched to under `train_routing`, not on a fresh top-K.
-    """
-
-    train_routing: Literal["topk", "sample", "noise", "expert_choice", "sinkhorn"] = field(
-        default="topk",
-        metadata={
-            "help": "Routing of the training forward: 'topk' (stock, Det-FT), 'sample' (without replacement from the "
-            "gate probabilities, Stoch-FT-Multi), 'noise' (Gaussian noise on the gate log-scores, then top-K, "
-            "Stoch-FT-Noise), 'expert_choice' (experts pick their top tokens under a capacity) or 'sinkhorn' "
-            "(Sinkhorn-balanced assignment). Evaluation and inference use top-K."
-        },
-    )
-    routing_noise_std: float = field(
-        default=1.0,
-        metadata={"help": "Standard deviation of the gate noise of train_routing='noise'."},
-    )
-    expert_capacity_factor: float = field(
-        default=1.0,
-        metadata={
-            "help": "Capacity factor of train_routing='expert_choice': each expert takes "
-            "ceil(factor * tokens * top_k / num_experts) non-padding tokens per layer."
-        },
-    )
-    sinkhorn_iterations: int = field(
-        default=3,
-        metadata={"help": "Sinkhorn iterations of train_routing='sinkhorn'."},
-    )
-    router_learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Peak learning rate of the router weights (None: learning_rate)."},
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.train_routing not in TRAINING_ROUTINGS:
-            raise MoEGRPOError(f"`train_routing={self.train_routing!r}` is not one of {TRAINING_ROUTINGS}.")
-        if self.routing_noise_std <= 0:
-            raise MoEGRPOError(
-                f"`routing_noise_std` must be positive, got {self.routing_noise_std}. For noise-free routing use "
-                "`train_routing='topk'`."
-            )
-        if self.expert_capacity_factor <= 0:
-            raise MoEGRPOError(
-                f"`expert_capacity_factor` must be positive, got {self.expert_capacity_factor}; 1.0 fills as many "
-                "expert slots as top-K routing."
-            )
-        if self.sinkhorn_iterations < 1:
-            raise MoEGRPOError(
-                f"`sinkhorn_iterations` must be at least 1, got {self.sinkhorn_iterations}; with none, Sinkhorn "
-                "routing is top-K routing (use `train_routing='topk'`)."
-            )
-        if self.router_learning_rate is not None and self.router_learning_rate < 0:
-            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise MoEGRPOError(
-                f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}; 0 turns the load-balancing "
-                "loss off."
-            )
-        if self.use_liger_kernel:
-            raise MoEGRPOError(
-                "`use_liger_kernel=True` swaps the model's layers for Liger kernels, which bypass the router hooks "
-                "the routing baselines rely on. Set `use_liger_kernel=False`."
-            )
-        if self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise MoEGRPOError(
-                "Reentrant gradient checkpointing runs the forward without autograd, so the routers would get no "
-                "gradient from the load-balancing loss. Use `gradient_checkpointing_kwargs={'use_reentrant': False}` "
-                "(TRL's default)."
-            )
-
-
-def sft_rows_from_answers(dataset, answer_column: str = "answer"):
-    """Add the `completion` column SFT trains on to a MoE-GRPO dataset: each row's reference answer.
-
-    MoE-GRPO datasets have a `prompt` (a string, or a conversation whose user turn may hold an image part, with the
-    image in an `image` column) and an `answer` column. This adds `completion`: `[{"role": "assistant", "content":
-    answer}]` for conversational prompts, the answer string otherwise. `SFTTrainer` then trains prompt-completion
-    rows with the loss on the completion only, on exactly the data MoE-GRPO uses. Other columns are kept; TRL 1.16's
-    vision collator reads the `image` (or `images`) column as it is.
-
-    Args:
-        dataset (`datasets.Dataset`, `datasets.IterableDataset`, `datasets.DatasetDict` or `list[dict]`):
-            Rows with `prompt` and `answer_column`.
-        answer_column (`str`, *optional*, defaults to `"answer"`):
-            The column holding the reference answer (converted with `str`).
-
-    Returns:
-        The same kind of object as `dataset`, with a `completion` column.
-    """
-
-    def add_completion(row: dict[str, Any]) -> dict[str, Any]:
-        if "prompt" not in row or answer_column not in row:
-            raise MoEGRPOError(
-                f"`sft_rows_from_answers` needs `prompt` and `{answer_column}` columns; a row has {sorted(row)}. Pass "
-                "`answer_column=` to name the answer's column."
-            )
-        if "completion" in row:
-            raise MoEGRPOError(
-                "The rows already have a `completion` column; `sft_rows_from_answers` would overwrite it."
-            )
-        answer = str(row[answer_column])
-        if is_conversational({"prompt": row["prompt"]}):
-            return {"completion": [{"role": "assistant", "content": answer}]}
-        return {"completion": answer}
-
-    if isinstance(dataset, list):
-        return [{**row, **add_completion(row)} for row in dataset]
-    columns = dataset.column_names
-    if isinstance(columns, dict):  # a DatasetDict: every split
-        columns = {name for split in columns.values() for name in split}
-    if columns is not None and "completion" in columns:
-        raise MoEGRPOError("The rows already have a `completion` column; `sft_rows_from_answers` would overwrite it.")
-    return dataset.map(add_completion)
 
 
 class MoESFTTrainer(MoETrainerMixin, SFTTrainer):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .guidance import VISION, ModalityStatistics
-from .plotting import pyplot, save_figure
+from ..guidance import VISION, ModalityStatistics
+from .plots import pyplot, save_figure
 
 
 def modality_table(stats: ModalityStatistics, mask_ratio: float) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from .routing_analysis import ALL_TASKS, RoutingAnalysis, entropy, row_task, selection_counts
+from ..analysis.routing import ALL_TASKS, RoutingAnalysis, entropy, row_task, selection_counts
 
 
 class EvalRoutingCollector:

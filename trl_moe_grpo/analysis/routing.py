@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from .errors import MoEGRPOError
-from .guidance import model_identity
-from .plotting import pyplot, save_figure
-from .prompts import calibration_batches
-from .routing.controller import RoutingController
+from ..data_utils import calibration_batches
+from ..errors import MoEGRPOError
+from ..routing.controller import RoutingController
+from ..routing.introspection import model_identity
+from .plots import pyplot, save_figure
 
 FORMAT = "trl-moe-grpo/routing-analysis"
 FORMAT_VERSION = 1
