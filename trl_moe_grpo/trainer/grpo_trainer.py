@@ -49,6 +49,7 @@ from ..zero3 import gathered_parameters
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
 from .eval_routing import EvalRoutingCollector
 from .grpo_config import MoEGRPOConfig
+from .replay_state import ReplayState
 
 logger = logging.get_logger(__name__)
 
@@ -167,11 +168,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             if args.greedy_decoding:
                 self.generation_config, self.generation_kwargs = self._greedy_decoding
 
-        self._batch_routes: torch.Tensor | None = None  # the trace the next forward replays
-        self._scoring_rollouts = False  # inside `_generate_and_score_completions`
-        # What a forward produced, stored right after that forward by role (never by call order): "old_gate_logps"
-        # from the old-log-prob pass, "policy_captures" from the training forward. Each is taken once by its reader.
-        self._forward_results: dict[str, Any] = {}
+        # The rollout trace's hand-off between TRL's methods, and what the replayed forwards hand back (by role).
+        self._replay = ReplayState()
         self._eval_routing: EvalRoutingCollector | None = None  # open while `evaluation_loop` runs
         # The routing measures of the last `evaluate()` (expert counts per sequence, by task), for reports.
         self.last_eval_routing: RoutingAnalysis | None = None
@@ -282,8 +280,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         prompt_routes, completion_routes = split_rollout_routes(
             recording, [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids]
         )
-        self._batch_routes = pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(
-            self.accelerator.device
+        self._replay.set_trace(
+            pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(self.accelerator.device)
         )
         return completion_ids, logprobs
 
@@ -296,23 +294,20 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             prompt_ids, images, multimodal_fields, num_generations
         )
         prompt_routes, completion_routes = (list(routes) for routes in zip(*generation.last_routes, strict=True))
-        self._batch_routes = pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(
-            self.accelerator.device
+        self._replay.set_trace(
+            pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(self.accelerator.device)
         )
         return completion_ids, logprobs
 
     def _generate_and_score_completions(self, inputs):
-        self._batch_routes = None
-        self._forward_results.pop("old_gate_logps", None)
-        self._scoring_rollouts = True
+        self._replay.begin_generation()
         if self._eval_routing is not None:
             self._eval_routing.add_rows(inputs)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._scoring_rollouts = False
-        routes, self._batch_routes = self._batch_routes, None
-        old_gate_logps = self._forward_results.pop("old_gate_logps", None)
+            routes = self._replay.end_generation()
+        old_gate_logps = self._replay.take_old_gate_logps()
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         if routes is None or routes.shape[:2] != input_ids.shape:
             raise MoEGRPOError(
@@ -370,20 +365,19 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
         controller = self.ref_routing if self.ref_model is not None and model is self.ref_model else self.routing
-        if self._batch_routes is None:
-            raise MoEGRPOError("A training forward ran without a routing trace to replay.")
+        routes = self._replay.trace_to_replay()
         reference = self._is_reference_forward(model)
-        controller.start_replay(self._batch_routes, dispatch=self.args.routing_replay)
+        controller.start_replay(routes, dispatch=self.args.routing_replay)
         result = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
         controller.finish_replay()
         if not reference:
             # Read now, before another forward (the reference pass shares the policy's controller under PEFT) replays.
             captures = controller.captures()
-            if self._scoring_rollouts:  # TRL's old-log-prob pass, run only when generations are reused
+            if self._replay.scoring_rollouts:  # TRL's old-log-prob pass, run only when generations are reused
                 with torch.no_grad():
-                    self._forward_results["old_gate_logps"] = self._gate_log_probs(captures, input_ids).detach()
+                    self._replay.keep_old_gate_logps(self._gate_log_probs(captures, input_ids).detach())
             else:
-                self._forward_results["policy_captures"] = captures
+                self._replay.keep_policy_captures(captures)
         return result
 
     def _is_reference_forward(self, model) -> bool:
@@ -406,8 +400,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             try:
                 yield
             finally:
-                self._batch_routes = None
-                self._forward_results.clear()
+                self._replay.end_step()
 
     def training_step(self, model, inputs, num_items_in_batch):
         with self._routing_step():
@@ -441,12 +434,9 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------ Token-GRPO (TRL's, replayed) + Gate-GRPO
 
     def _compute_loss(self, model, inputs):
-        self._batch_routes = inputs["routed_experts"]
-        self._forward_results.pop("policy_captures", None)
+        self._replay.begin_loss(inputs["routed_experts"])
         token_loss = super()._compute_loss(model, inputs)
-        captures = self._forward_results.pop("policy_captures", None)
-        if captures is None:
-            raise MoEGRPOError("TRL's loss ran no policy forward through `_get_per_token_logps_and_entropies`.")
+        captures = self._replay.take_policy_captures()
         return self.args.token_loss_coef * token_loss + self._routing_loss(inputs, captures)
 
     @staticmethod
