@@ -41,7 +41,7 @@ from ..analysis.routing import RoutingAnalysis
 from ..errors import MoEGRPOError
 from ..guidance import ModalityStatistics, calibrate
 from ..losses import balance_loss_given_load, clipped_objective, expert_load, reduce_like_trl, set_log_prob
-from ..routing import RoutingController, pad_routes, split_rollout_routes
+from ..routing import RolloutRecording, RoutingController, pad_routes, split_rollout_routes
 from ..routing.controller import LayerCapture
 from ..routing.introspection import model_identity, vision_token_ids
 from ..vllm_routing.options import refuse_vision_language_model
@@ -271,33 +271,32 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         routing = self.args.rollout_routing if self.model.training else "topk"  # evaluation routes like inference
-        if self.use_vllm:
-            return self._generate_single_turn_vllm(routing, prompt_ids, images, multimodal_fields, num_generations)
-        with self.routing.rollout(routing, self.args.routing_noise_std) as recording, self._decoding():
+        with self._rollout(routing) as recording:
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
-        prompt_routes, completion_routes = split_rollout_routes(
-            recording, [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids]
+        lengths = [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids]
+        # vLLM cut its routes by request already; transformers' recording holds one entry per model call.
+        prompt_routes, completion_routes = (
+            recording.split(*lengths) if self.use_vllm else split_rollout_routes(recording, *lengths)
         )
         self._replay.set_trace(
             pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(self.accelerator.device)
         )
         return completion_ids, logprobs
 
-    def _generate_single_turn_vllm(self, routing, prompt_ids, images, multimodal_fields, num_generations):
-        """vLLM rollouts: the routes are sampled and recorded inside the engine (`vllm_routing.generation`)."""
-        generation = self.vllm_generation
-        generation.rollout_routing, generation.routing_noise_std = routing, self.args.routing_noise_std
-        generation.greedy = self.args.greedy_decoding or (not self.model.training and self.args.greedy_eval)
-        completion_ids, logprobs = super()._generate_single_turn(
-            prompt_ids, images, multimodal_fields, num_generations
-        )
-        prompt_routes, completion_routes = (list(routes) for routes in zip(*generation.last_routes, strict=True))
-        self._replay.set_trace(
-            pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(self.accelerator.device)
-        )
-        return completion_ids, logprobs
+    def _rollout(self, routing: str) -> contextlib.AbstractContextManager:
+        """Rollouts route with `routing` (and decode as the config says) while open, on the engine that generates
+        them; the context yields what that engine recorded of their routes."""
+        if self.use_vllm:  # sampled and recorded inside the engine (`vllm_routing/generation.py`, docs/vllm.md)
+            greedy = self.args.greedy_decoding or (not self.model.training and self.args.greedy_eval)
+            return self.vllm_generation.rollout(routing, self.args.routing_noise_std, greedy=greedy)
+        return self._transformers_rollout(routing)
+
+    @contextlib.contextmanager
+    def _transformers_rollout(self, routing: str) -> Iterator[RolloutRecording]:
+        with self.routing.rollout(routing, self.args.routing_noise_std) as recording, self._decoding():
+            yield recording
 
     def _generate_and_score_completions(self, inputs):
         self._replay.begin_generation()
