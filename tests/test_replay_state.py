@@ -1,4 +1,5 @@
-"""`ReplayState`, the rollout trace's hand-off: its lifetime alone, then as `MoEGRPOTrainer` drives it."""
+"""`ReplayState`, the rollout trace's hand-off: its lifetime alone, then as `MoEGRPOTrainer` drives it; and
+`ActiveRouting`, which routing is active now."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from conftest import digit_share, make_config
 from trl_moe_grpo import MoEGRPOError, MoEGRPOTrainer
 from trl_moe_grpo.routing import LayerCapture
 from trl_moe_grpo.testing import tiny_moe_model
-from trl_moe_grpo.trainer.replay_state import ReplayState
+from trl_moe_grpo.trainer.replay_state import ActiveRouting, ReplayState
 
 
 def capture() -> LayerCapture:
@@ -105,3 +106,52 @@ def test_trainer_follows_a_trace_from_generation_to_the_loss(tmp_path, tokenizer
         trainer._get_per_token_logps_and_entropies(
             trainer.model, input_ids, attention_mask, batch["completion_ids"].shape[1]
         )
+
+
+@pytest.mark.parametrize("rollout_routing", ["sample", "noise", "topk"])
+@pytest.mark.parametrize("greedy_eval", [True, False])
+@pytest.mark.parametrize("routing_replay", [True, False])
+def test_active_routing_rule(tmp_path, rollout_routing, greedy_eval, routing_replay):
+    """Training rollouts route with `rollout_routing`, evaluation ones with top-K; evaluation decodes greedily under
+    `greedy_eval`, training under `greedy_decoding` (by default: whenever the routing is not top-K)."""
+    args = make_config(
+        tmp_path, rollout_routing=rollout_routing, greedy_eval=greedy_eval, routing_replay=routing_replay
+    )
+    training, evaluation = ActiveRouting.now(args, training=True), ActiveRouting.now(args, training=False)
+    assert (training.rollout, evaluation.rollout) == (rollout_routing, "topk")
+    assert training.sampled == (rollout_routing != "topk") and not evaluation.sampled
+    assert training.greedy == (rollout_routing != "topk")
+    assert evaluation.greedy == (greedy_eval or rollout_routing != "topk")
+    assert training.dispatch_recorded == evaluation.dispatch_recorded == routing_replay
+    assert training.noise_std == evaluation.noise_std == args.routing_noise_std
+
+
+@pytest.mark.parametrize("rollout_routing", ["sample", "topk"])
+@pytest.mark.parametrize("training", [True, False])
+def test_rollouts_route_and_decode_as_the_active_routing_says(tmp_path, tokenizer, dataset, rollout_routing, training):
+    """`rollout_routing="sample"` decodes greedily in training, `"topk"` samples tokens; evaluation (`greedy_eval`)
+    decodes greedily and routes with top-K for both."""
+    trainer = MoEGRPOTrainer(
+        tiny_moe_model("qwen3_moe", seed=4),
+        digit_share,
+        args=make_config(tmp_path, rollout_routing=rollout_routing),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    model = trainer.model
+    model.train(training)
+    seen = []
+    generate = model.generate
+
+    def generate_and_see(*args, generation_config, **kwargs):
+        seen.append((trainer.routing.mode, generation_config.do_sample))
+        return generate(*args, generation_config=generation_config, **kwargs)
+
+    model.generate = generate_and_see
+    with trainer._routing_step():
+        trainer._generate_and_score_completions([dataset[i] for i in range(2) for _ in range(4)])
+    active = trainer._active_routing()
+    assert seen == [(active.rollout, not active.greedy)]
+    assert active.rollout == (rollout_routing if training else "topk")
+    assert active.greedy == (rollout_routing == "sample" or not training)
+    assert trainer.routing.mode == "topk"  # the rollout context is closed

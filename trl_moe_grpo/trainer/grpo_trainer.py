@@ -49,7 +49,7 @@ from ..zero3 import gathered_parameters
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
 from .eval_routing import EvalRoutingCollector
 from .grpo_config import MoEGRPOConfig
-from .replay_state import ReplayState
+from .replay_state import ActiveRouting, ReplayState
 
 logger = logging.get_logger(__name__)
 
@@ -163,7 +163,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 "routers, or set `gate_loss_coef=0`."
             )
 
-        if not args.use_vllm:  # vLLM decodes greedily through `MoEVLLMGeneration.greedy` instead
+        if not args.use_vllm:  # vLLM decodes greedily through `MoEVLLMGeneration.rollout(greedy=True)` instead
             self._greedy_decoding = self._greedy(self.generation_config, self.generation_kwargs)
             if args.greedy_decoding:
                 self.generation_config, self.generation_kwargs = self._greedy_decoding
@@ -256,10 +256,16 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             config.update(**greedy)
         return config, None if generation_kwargs is None else {**generation_kwargs, **greedy}
 
+    def _active_routing(self) -> ActiveRouting:
+        """Which routing is active now: the rollouts' routing and decoding, and replay's dispatch (training or
+        evaluation, by the model's mode)."""
+        return ActiveRouting.now(self.args, self.model.training)
+
     @contextlib.contextmanager
-    def _decoding(self) -> Iterator[None]:
-        """Evaluation decodes as at inference (greedy) when `greedy_eval` is set, whatever the rollouts do."""
-        if self.model.training or not self.args.greedy_eval:
+    def _decoding(self, greedy: bool) -> Iterator[None]:
+        """Greedy decoding while open when `greedy` (evaluation under `greedy_eval`); otherwise TRL's settings, which
+        `__init__` made greedy under `greedy_decoding`."""
+        if not greedy:
             yield
             return
         training = self.generation_config, self.generation_kwargs
@@ -270,8 +276,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             self.generation_config, self.generation_kwargs = training
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        routing = self.args.rollout_routing if self.model.training else "topk"  # evaluation routes like inference
-        with self._rollout(routing) as recording:
+        with self._rollout(self._active_routing()) as recording:
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -285,17 +290,16 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         )
         return completion_ids, logprobs
 
-    def _rollout(self, routing: str) -> contextlib.AbstractContextManager:
-        """Rollouts route with `routing` (and decode as the config says) while open, on the engine that generates
-        them; the context yields what that engine recorded of their routes."""
+    def _rollout(self, active: ActiveRouting) -> contextlib.AbstractContextManager:
+        """Rollouts route and decode as `active` says while open, on the engine that generates them; the context
+        yields what that engine recorded of their routes."""
         if self.use_vllm:  # sampled and recorded inside the engine (`vllm_routing/generation.py`, docs/vllm.md)
-            greedy = self.args.greedy_decoding or (not self.model.training and self.args.greedy_eval)
-            return self.vllm_generation.rollout(routing, self.args.routing_noise_std, greedy=greedy)
-        return self._transformers_rollout(routing)
+            return self.vllm_generation.rollout(active.rollout, active.noise_std, greedy=active.greedy)
+        return self._transformers_rollout(active)
 
     @contextlib.contextmanager
-    def _transformers_rollout(self, routing: str) -> Iterator[RolloutRecording]:
-        with self.routing.rollout(routing, self.args.routing_noise_std) as recording, self._decoding():
+    def _transformers_rollout(self, active: ActiveRouting) -> Iterator[RolloutRecording]:
+        with self.routing.rollout(active.rollout, active.noise_std) as recording, self._decoding(active.greedy):
             yield recording
 
     def _generate_and_score_completions(self, inputs):
@@ -366,7 +370,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         controller = self.ref_routing if self.ref_model is not None and model is self.ref_model else self.routing
         routes = self._replay.trace_to_replay()
         reference = self._is_reference_forward(model)
-        controller.start_replay(routes, dispatch=self.args.routing_replay)
+        controller.start_replay(routes, dispatch=self._active_routing().dispatch_recorded)
         result = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
         controller.finish_replay()
         if not reference:
@@ -460,8 +464,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         """`[layers, rows, experts]` log selection probabilities, masked as the rollouts' sampler masked them."""
         log_probs = torch.stack([a.selection_log_probs(c.logits) for a, c in zip(self.routing.adapters, captures)])
         masks = self.routing.expert_masks
-        # Evaluation rollouts route with the stock top-K (`_generate_single_turn`): no mask shaped their sets.
-        if modality is None or masks is None or self.args.rollout_routing == "topk" or not self.model.training:
+        # Only sampled rollouts draw under the masks; top-K ones (evaluation's among them) take the stock choice.
+        if modality is None or masks is None or not self._active_routing().sampled:
             return log_probs
         allowed = masks.to(log_probs.device)[:, modality.long()]  # [layers, rows, experts]
         valid = torch.stack([c.valid for c in captures])[..., None]

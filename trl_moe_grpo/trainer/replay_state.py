@@ -1,4 +1,5 @@
-"""`ReplayState`: the rollout trace's hand-off between the TRL methods `MoEGRPOTrainer` overrides.
+"""`ReplayState`: the rollout trace's hand-off between the TRL methods `MoEGRPOTrainer` overrides; `ActiveRouting`:
+which routing is active now.
 
 TRL's signatures leave no argument through which a routing trace could travel from generation to the forwards that
 replay it, so the trainer keeps it here, with what those forwards hand back. One object, one owner (the trainer), and
@@ -19,10 +20,55 @@ What a forward hands back is stored by role, never by call order, and each resul
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import MoEGRPOError
-from ..routing.controller import LayerCapture
+from ..routing.controller import LayerCapture, RolloutRouting
+from .grpo_config import MoEGRPOConfig
+
+
+@dataclass(frozen=True)
+class ActiveRouting:
+    """Which routing is active now: how the rollouts about to run route and decode, and what replaying them does.
+
+    The rule, in this one place: training rollouts route with the config's `rollout_routing`; evaluation routes as
+    inference does, with the routers' stock top-K, and decodes greedily under `greedy_eval`; every forward that scores
+    rollouts (old log-probs, reference, policy) replays their trace ([`ReplayState`]).
+
+    Attributes:
+        rollout (`str`):
+            The rollouts' routing: `"sample"`, `"noise"` or `"topk"`.
+        noise_std (`float`):
+            The noise of `"noise"` routing.
+        greedy (`bool`):
+            Whether the rollouts decode their tokens greedily.
+        dispatch_recorded (`bool`):
+            Whether a replayed forward sends each token to its recorded experts (`routing_replay`), or to the live
+            top-K while still capturing the recorded sets for the routing losses (the no-replay ablation).
+    """
+
+    rollout: RolloutRouting
+    noise_std: float
+    greedy: bool
+    dispatch_recorded: bool
+
+    @classmethod
+    def now(cls, args: MoEGRPOConfig, training: bool) -> ActiveRouting:
+        """The routing of a training step (`training`, the model's training mode) or of an evaluation one."""
+        return cls(
+            rollout=args.rollout_routing if training else "topk",
+            noise_std=args.routing_noise_std,
+            greedy=args.greedy_decoding or (not training and args.greedy_eval),
+            dispatch_recorded=args.routing_replay,
+        )
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the rollouts' sets are drawn by the sampler, under its expert masks (modality guidance); top-K
+        rollouts take the router's stock choice, which no mask shapes."""
+        return self.rollout != "topk"
 
 
 class ReplayState:
