@@ -119,7 +119,7 @@ def test_active_routing_rule(tmp_path, rollout_routing, greedy_eval, routing_rep
     )
     training, evaluation = ActiveRouting.now(args, training=True), ActiveRouting.now(args, training=False)
     assert (training.rollout, evaluation.rollout) == (rollout_routing, "topk")
-    assert training.sampled == (rollout_routing != "topk") and not evaluation.sampled
+    assert training.draws_routes == (rollout_routing != "topk") and not evaluation.draws_routes
     assert training.greedy == (rollout_routing != "topk")
     assert evaluation.greedy == (greedy_eval or rollout_routing != "topk")
     assert training.dispatch_recorded == evaluation.dispatch_recorded == routing_replay

@@ -1,22 +1,34 @@
 """`MoEGRPOTrainer`: TRL's `GRPOTrainer` with sampled routing, routing replay, Token-GRPO and Gate-GRPO.
 
-How it hooks into TRL (each override is the narrowest method that does the job and calls `super()`):
+A rollout's routing trace, from generation to the loss (`docs/design.md` §4). TRL's method signatures leave it no
+argument to travel in, so it goes through one named hand-off, `self._replay` (a `ReplayState`, `replay_state.py`),
+and through TRL's batch dict. Each override is the narrowest TRL method that does the job, and calls `super()`:
 
-- `_generate_single_turn`: rollouts run with the routing controller in `rollout_routing` mode, which records every
-  token's expert ids; they become a trace laid out like TRL's token ids. With `use_vllm=True` the routes are sampled
-  and recorded inside vLLM instead (`vllm_routing/generation.py`, `docs/vllm.md`), into the same trace.
-- `_generate_and_score_completions`: the trace joins the batch dict as `routed_experts`, so TRL's buffering,
-  shuffling and micro-batch splitting keep it aligned with its rows for free.
-- `_get_per_token_logps_and_entropies`: every forward TRL makes (old log-probs, reference, policy) replays the trace.
-  Token-GRPO is therefore TRL's own token loss, computed under replay. Each forward's captures are read right after
-  it ran and kept only for the forward they came from (old gate log-probs from the old-log-prob pass, the policy's
-  captures from the training forward); the reference forward (`ref_model`, or a PEFT model with its adapters disabled
-  or its "ref" adapter active) keeps nothing, whatever order TRL runs them in.
-- `_compute_loss`: adds Gate-GRPO and the load-balancing loss on the routed sets, from what the training forward
-  captured.
-- `create_optimizer`: an optional learning rate of the routers' own (`router_learning_rate`).
-- `training_step` / `prediction_step`: bound the replay state to the whole step, backward (checkpoint recompute)
-  included.
+1. `_generate_and_score_completions` opens a generation batch: `_replay.begin_generation()`.
+2. `_generate_single_turn` runs TRL's generation inside `_rollout(self._active_routing())`: the routing controller's
+   `rollout(...)` on the transformers path, `MoEVLLMGeneration.rollout(...)` with `use_vllm=True` (routes sampled and
+   recorded inside vLLM, `docs/vllm.md`); both yield what they recorded. `_active_routing()` (an `ActiveRouting`) is
+   the one rule for which routing is active now: `rollout_routing` in training, the stock top-K (and greedy decoding
+   under `greedy_eval`) in evaluation. The recorded routes become a trace laid out like TRL's token ids:
+   `_replay.set_trace(...)`.
+3. Every forward TRL then runs (`_get_per_token_logps_and_entropies`) replays `_replay.trace_to_replay()`. The
+   policy's forward here is TRL's old-log-prob pass (run only when generations are reused): its captures score the
+   old gate log-probs, `_replay.keep_old_gate_logps(...)`. The reference forward (`ref_model`, or a PEFT model with
+   its adapters disabled or its "ref" adapter active) keeps nothing, whatever order TRL runs the forwards in.
+4. Back in `_generate_and_score_completions`, `_replay.end_generation()` hands the trace to the batch dict as
+   `routed_experts`, and `_replay.take_old_gate_logps()` the old gate log-probs as `old_gate_logps`: TRL's buffering,
+   shuffling and micro-batch splitting keep them aligned with their rows.
+5. `_compute_loss`, per micro-batch: `_replay.begin_loss(inputs["routed_experts"])`, then TRL's token loss, whose
+   policy forward replays that trace (Token-GRPO is TRL's own loss under replay) and leaves its captures
+   (`_replay.keep_policy_captures(...)`); `_replay.take_policy_captures()` gives them to Gate-GRPO and the
+   load-balancing loss on the routed sets.
+6. `training_step` / `prediction_step` bound all of it to the step, backward (checkpoint recompute) included:
+   `_routing_step()` ends the controllers' replay state and calls `_replay.end_step()`, which forgets the rest.
+
+Also overridden: `create_optimizer` (an optional learning rate of the routers' own, `router_learning_rate`),
+`evaluation_loop` (the routing measures of the whole evaluation set), `_calculate_rewards` (the within-group reward
+spread and per-task rewards as metrics), `train` and `_save` (modality guidance, the routing options saved with
+checkpoints).
 """
 
 from __future__ import annotations
@@ -464,8 +476,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         """`[layers, rows, experts]` log selection probabilities, masked as the rollouts' sampler masked them."""
         log_probs = torch.stack([a.selection_log_probs(c.logits) for a, c in zip(self.routing.adapters, captures)])
         masks = self.routing.expert_masks
-        # Only sampled rollouts draw under the masks; top-K ones (evaluation's among them) take the stock choice.
-        if modality is None or masks is None or not self._active_routing().sampled:
+        # Only drawn routes were drawn under the masks; top-K rollouts (evaluation's among them) took the stock choice.
+        if modality is None or masks is None or not self._active_routing().draws_routes:
             return log_probs
         allowed = masks.to(log_probs.device)[:, modality.long()]  # [layers, rows, experts]
         valid = torch.stack([c.valid for c in captures])[..., None]

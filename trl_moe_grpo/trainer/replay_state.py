@@ -65,9 +65,9 @@ class ActiveRouting:
         )
 
     @property
-    def sampled(self) -> bool:
-        """Whether the rollouts' sets are drawn by the sampler, under its expert masks (modality guidance); top-K
-        rollouts take the router's stock choice, which no mask shapes."""
+    def draws_routes(self) -> bool:
+        """Whether the rollouts draw their expert sets (`"sample"`, `"noise"`), under the expert masks of modality
+        guidance when it is on; top-K rollouts take the router's stock choice, which no mask shapes."""
         return self.rollout != "topk"
 
 
