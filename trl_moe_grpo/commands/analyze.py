@@ -17,14 +17,11 @@ class AnalyzeCommand(Command):
         parser.add_argument("--mask-ratio", type=float, help="P to mark masked experts with (default: the file's)")
 
     def run(self, args: argparse.Namespace) -> int:
-        import json
-
         from ..analysis.modality import modality_table, plot_modality_scores
         from ..guidance import ModalityStatistics
 
         stats = ModalityStatistics.load(args.stats)
-        with open(args.stats) as f:
-            ratio = args.mask_ratio if args.mask_ratio is not None else json.load(f)["mask_ratio"]
+        ratio = args.mask_ratio if args.mask_ratio is not None else stats.mask_ratio
         print(modality_table(stats, ratio))
         if args.plot:
             print(f"Heatmap written to {plot_modality_scores(stats, ratio, args.plot)}")
