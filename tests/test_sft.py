@@ -276,7 +276,12 @@ def test_sft_rows_from_answers():
 
 @pytest.mark.parametrize(
     ("answer", "message"),
-    [(None, r"is None.*'None'"), (["A", "B"], r"is a list.*\"\['A', 'B'\]\""), ({"a": 1}, "is a dict"), (True, "bool")],
+    [
+        (None, r"is None.*'None'"),
+        (["A", "B"], r"is a list.*\"\['A', 'B'\]\""),
+        ({"a": 1}, "is a dict"),
+        (True, "bool"),
+    ],
 )
 def test_sft_rows_from_answers_refuses_answers_that_are_not_one_string(answer, message):
     """`str` would make `None` the target "None" and a list its repr: refused, in lists and in `datasets` alike."""

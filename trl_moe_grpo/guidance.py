@@ -98,7 +98,7 @@ class ModalityStatistics:
         return self.mask_ratio
 
     def masks(self, mask_ratio: float | None = None) -> torch.Tensor:
-        """`[layers, 2, experts]` bool allowed experts under `mask_ratio` (default: the ratio the file was saved with)."""
+        """`[layers, 2, experts]` bool, the experts each modality may draw under `mask_ratio` (default: the file's)."""
         return modality_masks(self.scores(), self._ratio(mask_ratio), self.model["top_k"], self.present)
 
     def check_model(self, model: torch.nn.Module, controller: RoutingController) -> None:
