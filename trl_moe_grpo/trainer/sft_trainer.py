@@ -46,6 +46,7 @@ from ..losses import routed_load_balancing_loss
 from ..routing import RoutingController, find_routers
 from ..routing.controller import TrainingCapture, TrainingRoutes
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args, user_router_logits_flag
+from .options import training_routing_kwargs
 from .sft_config import ROUTING_FILE, ROUTING_OPTIONS, MoESFTConfig
 
 logger = logging.get_logger(__name__)
@@ -125,12 +126,7 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
     # ------------------------------------------------------------------ routing of each step
 
     def _routing_kwargs(self, mode: str) -> dict[str, Any]:
-        return dict(
-            mode=mode,
-            noise_std=self.args.routing_noise_std,
-            capacity_factor=self.args.expert_capacity_factor,
-            sinkhorn_iterations=self.args.sinkhorn_iterations,
-        )
+        return training_routing_kwargs(self.args, mode)
 
     @contextlib.contextmanager
     def routing_step(self) -> Iterator[TrainingRoutes]:
