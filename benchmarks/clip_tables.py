@@ -40,6 +40,7 @@ from trl_moe_grpo.clip_moe.images import CROSS_DATASET, DOMAINS, SOURCE, SUITES,
 from trl_moe_grpo.clip_moe.multiplet import diversified_multiplet_upcycle
 from trl_moe_grpo.clip_moe.trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
 from trl_moe_grpo.clip_moe.upcycle import upcycle_clip_model
+from trl_moe_grpo.upcycle import ExpertInit
 
 ROOT = Path(__file__).resolve().parents[1]
 # The untouched CLIP-MoEs: `noise` upcycling (the main table) and Diversified Multiplet Upcycling (4 experts).
@@ -194,7 +195,7 @@ def main() -> None:
         results[DENSE].append(dense_accuracy)
         bases = {
             "CLIP-MoE": upcycle_clip_model(
-                dense, args.num_experts, args.top_k, "noise", noise_std=args.noise_std, seed=seed
+                dense, args.num_experts, args.top_k, ExpertInit("noise", noise_std=args.noise_std, seed=seed)
             ).eval()
         }
         if not args.no_dmu:

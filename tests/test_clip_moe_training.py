@@ -17,6 +17,7 @@ from trl_moe_grpo.clip_moe.images import classification_dataset
 from trl_moe_grpo.clip_moe.rewards import classification_rewards, group_advantages
 from trl_moe_grpo.clip_moe.trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
 from trl_moe_grpo.testing.clip import tiny_clip_moe
+from trl_moe_grpo.upcycle import ExpertInit
 
 torch.set_num_threads(1)
 
@@ -27,7 +28,7 @@ def shapes():
 
 
 def fresh_moe(noise_std: float = 0.5):
-    return tiny_clip_moe(seed=0, num_experts=4, top_k=2, noise_std=noise_std)
+    return tiny_clip_moe(seed=0, num_experts=4, top_k=2, init=ExpertInit("noise", noise_std=noise_std))
 
 
 def config(cls, tmp_path, **overrides):
