@@ -1,4 +1,8 @@
-"""`trl-moe-grpo analyze`: show a modality statistics file as a table and, optionally, a heatmap."""
+"""`trl-moe-grpo show-modality-stats` (formerly `analyze`): show a modality statistics file as a table and,
+optionally, a heatmap.
+
+Named for what it does: it *shows* the file `calibrate` wrote and runs no model, where `measure-routing` runs models
+on a dataset to measure their routing."""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ import argparse
 from .base import Command
 
 
-class AnalyzeCommand(Command):
-    name = "analyze"
-    help = "Print the vision scores per layer and expert of a statistics file, and draw them as a heatmap."
+class ShowModalityStatsCommand(Command):
+    name = "show-modality-stats"
+    deprecated_aliases = ("analyze",)
+    help = (
+        "Show a modality statistics file written by `calibrate` (no model runs): the vision score of every layer and "
+        "expert and the experts the mask ratio removes, as a table and optionally a heatmap. (To run models on a "
+        "dataset and measure their routing, use `measure-routing`.)"
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("stats", help="statistics file written by `trl-moe-grpo calibrate`")
@@ -26,3 +35,6 @@ class AnalyzeCommand(Command):
         if args.plot:
             print(f"Heatmap written to {plot_modality_scores(stats, ratio, args.plot)}")
         return 0
+
+
+AnalyzeCommand = ShowModalityStatsCommand  # the class's name before the command was renamed
