@@ -27,10 +27,13 @@ class ShowModalityStatsCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from ..analysis.modality import modality_table, plot_modality_scores
+        from ..errors import MoEGRPOError
         from ..guidance import ModalityStatistics
 
         stats = ModalityStatistics.load(args.stats)
         ratio = args.mask_ratio if args.mask_ratio is not None else stats.mask_ratio
+        if ratio is None:
+            raise MoEGRPOError(f"{args.stats} holds no mask ratio: pass --mask-ratio P (e.g. 0.25).")
         print(modality_table(stats, ratio))
         if args.plot:
             print(f"Heatmap written to {plot_modality_scores(stats, ratio, args.plot)}")
