@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from stats import mean_pm, mean_std, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,23 +283,8 @@ def train_arm(
 # ---------------------------------------------------------------------------------------------------- statistics
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of `a - b` over seeds and its standard error."""
-    differences = [x - y for x, y in zip(a, b)]
-    mean, std = mean_std(differences)
-    return mean, std / math.sqrt(len(differences))
-
-
-def verdict(difference: float, standard_error: float) -> str:
-    if not math.isfinite(standard_error):
-        return "one seed: no verdict"
-    if abs(difference) <= 2 * standard_error:
-        return "no difference (within 2 SE)"
-    return "higher" if difference > 0 else "lower"
+# `stats.py` (next to this script): mean ± std over seeds, paired differences ± SE, their verdicts; one seed has
+# neither an std nor an SE (n/a, no verdict).
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -327,7 +313,7 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
         f"seeds {seeds}. Held-out accuracy on {n_test} rows, greedy decoding with the stock top-K routing. The "
         f"sampling error of one accuracy on {n_test} rows is about {math.sqrt(p * (1 - p) / n_test):.3f}; the spread "
         "across seeds is the std below. A difference counts only where it exceeds twice its standard error (paired "
-        "by seed).",
+        "by seed); with one seed there is neither an std nor a standard error (n/a) and no verdict.",
         "",
         f"Before training: accuracy {base['accuracy']['all']:.3f} ("
         + ", ".join(f"{t} {base['accuracy'][t]:.3f}" for t in tasks if t != "all")
@@ -346,11 +332,11 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
             if arm == "moe_grpo":
                 gap = "—"
             else:
-                difference, se = paired_difference(accuracies(arm), reference)
-                gap = f"{difference:+.3f} ± {se:.3f}: {verdict(difference, se)}"
+                difference = paired_difference(accuracies(arm), reference)
+                gap = f"{mean_pm(difference.mean, difference.se, 3, sign=True)}: {difference.verdict}"
             paper_value = paper.get(arm)
             paper_cell = "" if paper_value is None else f"{paper_value:g}"
-            lines.append(f"| {ARMS[arm].label} | {mean:.3f} ± {std:.3f} | {per_task} | {gap} | {paper_cell} |")
+            lines.append(f"| {ARMS[arm].label} | {mean_pm(mean, std, 3)} | {per_task} | {gap} | {paper_cell} |")
         lines += ["", f"({PAPER_NOTES[table]})", ""]
 
     lines += [
