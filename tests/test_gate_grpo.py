@@ -16,7 +16,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import digit_share, group_rows, make_config
+from conftest import digit_share, group_rows, make_config, spread_reward
 
 from trl_moe_grpo import MoEGRPOTrainer
 from trl_moe_grpo.testing import tiny_moe_model
@@ -494,3 +494,76 @@ def test_loss_coefficients_scale_their_terms(tmp_path, tokenizer, dataset):
     token_only, gate_only = loss(1.0, 0.0), loss(0.0, 1.0)
     assert abs(token_only) > 1e-6 and abs(gate_only) > 1e-6 and abs(token_only - gate_only) > 1e-6
     assert loss(0.5, 2.0) == pytest.approx(0.5 * token_only + 2.0 * gate_only, rel=1e-6, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- the rest of the table
+
+
+@pytest.mark.parametrize("greedy_eval", [True, False])
+def test_greedy_eval(tmp_path, tokenizer, dataset, greedy_eval):
+    """Evaluation routes with the stock top-K and, under `greedy_eval=True`, writes each token as the argmax of the
+    stock model's logits, even where training samples tokens (`rollout_routing="topk"`); `False` samples them."""
+    trainer = gate_trainer(tmp_path, tokenizer, dataset, rollout_routing="topk", greedy_eval=greedy_eval)
+    assert trainer.generation_config.do_sample  # training rollouts sample tokens
+    trainer.model.eval()
+    with trainer._routing_step():
+        batch = trainer._generate_and_score_completions(group_rows(dataset, 2, 4))
+    with torch.no_grad():
+        probe = reference_forward(trainer, batch, dispatch=False)
+    routes = batch["routed_experts"].flatten(0, 1).long()
+    valid = routes[:, 0, 0] >= 0
+    for layer in range(trainer.routing.num_layers):
+        assert torch.equal(routes[valid, layer], probe.stock_top_k[layer][valid])
+    width = batch["prompt_ids"].size(1)
+    predicted = probe.output.logits[:, width - 1 : -1].argmax(-1)
+    agree = (predicted == batch["completion_ids"])[batch["completion_mask"].bool()]
+    assert agree.all() if greedy_eval else not agree.all()
+
+
+@pytest.mark.parametrize("column", ["task", "kind"])
+def test_task_column_splits_the_evaluation_reward(tmp_path, tokenizer, dataset, column):
+    """`task_column` names the column whose values split the evaluation reward: each task's logged rewards are
+    exactly its rows' rewards."""
+    trainer = MoEGRPOTrainer(
+        float64_model(),
+        spread_reward,
+        args=make_config(tmp_path, task_column=column),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.model.eval()
+    rows = [{**row, "task": "ab"[i // 4], "kind": "xy"[i % 2]} for i, row in enumerate(group_rows(dataset, 2, 4))]
+    with trainer._routing_step():
+        trainer._generate_and_score_completions(rows)
+    logged = {k: v for k, v in trainer._metrics["eval"].items() if k.startswith("reward_by_task/")}
+    expected = {}
+    for i, row in enumerate(rows):
+        expected.setdefault(f"reward_by_task/{row[column]}", []).append(float(i % 2))
+    assert logged == expected
+
+
+def test_router_learning_rate_moves_the_routers_by_their_own_rate(tmp_path, tokenizer, dataset):
+    """One Adam step moves each weight by at most its learning rate (about that much where it has a gradient): the
+    routers by `router_learning_rate`, the rest by `learning_rate`."""
+    trainer = MoEGRPOTrainer(
+        float64_model(),
+        spread_reward,
+        args=make_config(
+            tmp_path,
+            max_steps=1,
+            learning_rate=1e-5,
+            router_learning_rate=1e-2,
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+        ),  # fmt: skip
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    routers = {id(w) for w in trainer.routing.router_parameters()}
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in trainer.model.named_parameters()}
+    router_moves = [moved[name] for name, p in trainer.model.named_parameters() if id(p) in routers]
+    other_moves = [moved[name] for name, p in trainer.model.named_parameters() if id(p) not in routers]
+    assert router_moves and all(1e-2 * 0.9 < m <= 1e-2 * (1 + 1e-6) for m in router_moves)
+    assert max(other_moves) <= 1e-5 * (1 + 1e-6) and max(other_moves) > 1e-5 * 0.9
