@@ -128,6 +128,14 @@ MUTATIONS = (
         'gate_set_logprob="ordered" still scores the unordered set',
     ),
     Mutation(
+        "noise-rollouts-sample-instead",
+        "trl_moe_grpo/routing/controller.py",
+        "indices = noisy_top_k(log_probs, self.top_k, self.noise_std)",
+        "indices = gumbel_top_k(log_probs, self.top_k)",
+        (f"{GATE}::test_noise_rollouts_are_noisy_top_k",),
+        'rollout_routing="noise" draws Gumbel-top-K sets, whatever routing_noise_std says',
+    ),
+    Mutation(
         "routing-replay-option-ignored",
         "trl_moe_grpo/trainer/grpo_trainer.py",
         "dispatch=self.args.routing_replay",
