@@ -1,10 +1,11 @@
 """Gate-GRPO through `MoEGRPOTrainer`, checked against a reference written from `docs/design.md` §2.
 
-The reference shares no code with the package's routing path: its own router hooks dispatch a trace's recorded sets
-(qwen3-MoE's mixing weights: softmax over all experts, renormalized over the set), the selection law is
-`softmax(z + m)` with the modality mask `m`, the set probability is the closed form for K = 2, and the clipped
-objective and TRL's normalizations are written out. Everything runs in float64 with fixed, known advantages, so the
-checks do not depend on whether a tiny random model's rollouts happen to differ in reward.
+The reference shares no code with the package's routing path (it asks the controller only where the routers are): its
+own router hooks dispatch a trace's recorded sets (qwen3-MoE's mixing weights: softmax over all experts, renormalized
+over the set), the selection law is `softmax(z + m)` with the modality mask `m`, the set probability is the closed
+form for K = 2, and the clipped objective and TRL's normalizations are written out. Everything runs in float64 with
+fixed, known advantages, so the checks do not depend on whether a tiny random model's rollouts happen to differ in
+reward.
 
 Off-policy batches are made the way reused generations are: `num_iterations=2` scores the old gate log-probabilities
 right after generation, then the routers move (as an optimizer step would) before the loss is computed.
