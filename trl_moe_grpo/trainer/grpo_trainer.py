@@ -44,6 +44,7 @@ from ..losses import balance_loss_given_load, clipped_objective, expert_load, re
 from ..routing import RoutingController, pad_routes, split_rollout_routes
 from ..routing.controller import LayerCapture
 from ..routing.introspection import model_identity, vision_token_ids
+from ..routing.sampling import tempered_log_probs
 from ..vllm_routing.options import refuse_vision_language_model
 from ..zero3 import gathered_parameters
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
@@ -65,6 +66,11 @@ ROUTING_OPTIONS = (
     "gate_loss_positions",
     "gate_set_logprob",
     "modality_mask_ratio",
+    "rollout_routing_temperature",
+    "zero_spread_groups",
+    "regenerate_zero_spread_groups",
+    "router_entropy_coef",
+    "router_warmup_steps",
 )
 
 
@@ -275,7 +281,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         routing = self.args.rollout_routing if self.model.training else "topk"  # evaluation routes like inference
         if self.use_vllm:
             return self._generate_single_turn_vllm(routing, prompt_ids, images, multimodal_fields, num_generations)
-        with self.routing.rollout(routing, self.args.routing_noise_std) as recording, self._decoding():
+        temperature = self.args.rollout_routing_temperature
+        with self.routing.rollout(routing, self.args.routing_noise_std, temperature) as recording, self._decoding():
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -328,6 +335,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             output["old_gate_logps"] = old_gate_logps
         gate_mask = self._gate_mask(routes, output["prompt_mask"], output["completion_mask"])
         output["num_gate_items_in_batch"] = self.accelerator.gather(gate_mask.sum()).sum()
+        self._add_reward_spread(output)  # zero-spread groups (`zero_spread_groups`)
         if self.balance_loss_coef:
             output.update(self._generation_batch_load(routes, output["prompt_mask"], output["completion_mask"]))
         return output
@@ -353,6 +361,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
+        self._reward_spread_rows = self._group_reward_spread(rewards_per_func, group).repeat_interleave(group)
+        self._metrics[mode]["routing/reward_spread_share"].append(self._reward_spread_rows.float().mean().item())
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
         if group > 1:
             # The learning signal of GRPO: if the G rollouts of a prompt agree, every advantage is zero.
@@ -365,6 +375,102 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             for task, reward in zip(tasks, rewards.tolist()):
                 self._metrics[mode][f"reward_by_task/{task}"].append(reward)
         return rewards_per_func
+
+    # ------------------------------------------------------------------ levers that give routing rewards signal
+
+    @torch.no_grad()
+    def _group_reward_spread(self, rewards_per_func: torch.Tensor, group: int) -> torch.Tensor:
+        """`[groups]` bool: whether the G rewards of a group differ, which is what gives its rollouts an advantage.
+
+        The rewards are the ones TRL's advantages start from: the weighted sum over reward functions, unscorable rows
+        (every function returned None) left out. A group has spread when the std of its scorable rewards is not close
+        to 0, TRL's own test for `frac_reward_zero_std`; a group of one, or with fewer than two scorable rollouts,
+        has none.
+        """
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        if group < 2:
+            return torch.zeros(rewards.numel() // max(group, 1), dtype=torch.bool, device=rewards.device)
+        std = nanstd(rewards.view(-1, group), dim=1)
+        return ~torch.isclose(std, torch.zeros_like(std)) & ~torch.isnan(std)
+
+    def _add_reward_spread(self, output: dict[str, Any]) -> None:
+        """Under `zero_spread_groups="exclude_from_normalizer"`, the batch learns which rows have reward spread.
+
+        Adds `reward_spread` (`[batch]` bool, this process's rows, so TRL's shuffling and splitting keep it aligned),
+        and the generation batch's counts of live loss items over every process (`num_live_items_in_batch`,
+        `num_live_gate_items_in_batch`), and sets the dead rows' advantages to exactly 0: TRL's are rounding noise
+        there (the group mean of equal floats need not equal them, and TRL divides by `std + 1e-4`).
+        """
+        if self.args.zero_spread_groups == "keep":
+            return
+        rows = output["prompt_ids"].size(0)
+        start = self.accelerator.process_index * rows  # TRL's own slice of the gathered rewards
+        live = self._reward_spread_rows[start : start + rows].to(output["advantages"].device)
+        output["reward_spread"] = live
+        output["advantages"] = torch.where(live, output["advantages"], torch.zeros_like(output["advantages"]))
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_live_items_in_batch"] = self.accelerator.gather((loss_mask * live[:, None]).sum()).sum()
+        gate_mask = self._gate_mask(output["routed_experts"], output["prompt_mask"], output["completion_mask"])
+        output["num_live_gate_items_in_batch"] = self.accelerator.gather((gate_mask & live[:, None]).sum()).sum()
+
+    def _zero_spread_factor(
+        self, inputs: dict[str, Any], loss: str, gate_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | float:
+        """The factor that turns the normalizer of the token (`loss="token"`) or Gate-GRPO (`"gate"`) loss into one
+        counting only rows of groups with reward spread; 1.0 under `zero_spread_groups="keep"`.
+
+        Each normalization TRL uses divides a masked sum by a count: rows of the micro-batch (`grpo`, `sapo`,
+        `dr_grpo`, `luspo`), its masked items (`bnpo`), or the generation batch's masked items (`dapo`, `cispo`,
+        `vespo`). The dead rows' terms in the sum are 0 (advantage 0; with `beta > 0` their KL terms stay), so
+        multiplying by count / live count gives the sum divided by the live count (at least 1, as TRL clamps).
+        """
+        if self.args.zero_spread_groups == "keep":
+            return 1.0
+        live = inputs["reward_spread"]
+        if loss == "token":
+            mask, items = inputs["completion_mask"] * inputs.get("tool_mask", 1), "items_in_batch"
+        else:
+            mask, items = gate_mask, "gate_items_in_batch"
+        if self.loss_type in ("grpo", "sapo", "dr_grpo", "luspo"):
+            total, kept = live.numel(), live.sum()
+        elif self.loss_type == "bnpo":
+            total, kept = mask.sum(), (mask * live[:, None]).sum()
+        elif self.loss_type in ("dapo", "cispo", "vespo"):
+            total, kept = inputs[f"num_{items}"], inputs[f"num_live_{items}"]
+        else:
+            raise MoEGRPOError(
+                f"`zero_spread_groups='exclude_from_normalizer'` does not know TRL's normalizer of loss_type="
+                f"{self.loss_type!r}. Use `zero_spread_groups='keep'`."
+            )
+        total = torch.as_tensor(total, dtype=torch.float32, device=live.device).clamp(min=1.0)
+        return total / torch.as_tensor(kept, dtype=torch.float32, device=live.device).clamp(min=1.0)
+
+    def _rollout_policy_log_probs(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The law training rollouts drew their sets from: the selection distribution tempered by
+        `rollout_routing_temperature` (`docs/design.md` §2). Evaluation routes top-K and is scored untempered."""
+        if self.args.rollout_routing != "sample" or not self.model.training:
+            return log_probs
+        return tempered_log_probs(log_probs, self.args.rollout_routing_temperature)
+
+    def _router_entropy(
+        self, mode: str, inputs: dict[str, Any], log_probs: torch.Tensor, gate_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Entropy of the routers' selection distributions (`log_probs`, `[layers, rows, experts]`, masked as the
+        sampler masked them, untempered), averaged over layers, then over the Gate-GRPO positions with Gate-GRPO's
+        normalization of `loss_type` (so gradient accumulation leaves it unchanged). Logged as `gate/entropy`."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        finite = log_probs.masked_fill(~torch.isfinite(log_probs), 0.0)  # masked experts: p = 0, no NaN gradient
+        entropy = -(log_probs.exp() * finite).sum(-1).mean(0).reshape(gate_mask.shape)
+        dapo_normalizer = inputs["num_gate_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            dapo_normalizer = dapo_normalizer * accumulation / self.args.steps_per_generation
+        prompt_width = inputs["prompt_ids"].size(1)
+        completion_only = self.args.gate_loss_positions == "completion"
+        max_length = self.max_completion_length + (0 if completion_only else prompt_width)
+        self._log_masked_mean(mode, "gate/entropy", entropy.detach(), gate_mask)
+        return reduce_like_trl(entropy, gate_mask, self.loss_type, accumulation, max_length, dapo_normalizer)
 
     # ------------------------------------------------------------------ replay in every forward
 
@@ -447,6 +553,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         captures = self._forward_results.pop("policy_captures", None)
         if captures is None:
             raise MoEGRPOError("TRL's loss ran no policy forward through `_get_per_token_logps_and_entropies`.")
+        token_loss = token_loss * self._zero_spread_factor(inputs, "token")  # 1 unless `zero_spread_groups`
         return self.args.token_loss_coef * token_loss + self._routing_loss(inputs, captures)
 
     @staticmethod
@@ -485,6 +592,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         """`[batch, tokens, layers]` log-probability of each recorded expert set under the live gates."""
         if log_probs is None:
             log_probs = self._selection_log_probs(captures, self.routing.token_modality(input_ids).reshape(-1))
+        log_probs = self._rollout_policy_log_probs(log_probs)  # the tempered law rollouts drew from
         recorded = torch.stack([c.recorded for c in captures])  # [layers, rows, top_k]
         set_lp = set_log_prob(log_probs, recorded, self.args.gate_set_logprob)  # [layers, rows]
         return set_lp.t().reshape(*input_ids.shape, -1)
@@ -524,6 +632,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             gate_loss = reduce_like_trl(
                 per_decision.mean(-1), gate_mask, self.loss_type, accumulation, max_length, dapo_normalizer
             )
+            gate_loss = gate_loss * self._zero_spread_factor(inputs, "gate", gate_mask)  # 1 unless excluded
             loss = loss + self.args.gate_loss_coef * gate_loss
             self._log_masked_mean(mode, "gate/loss", per_decision.detach().mean(-1), gate_mask)
             ratio = torch.exp(gate_logps.detach() - old_gate_logps)
@@ -532,6 +641,9 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 (ratio > 1 + self.epsilon_high) & (advantages > 0)
             )
             self._log_masked_mean(mode, "gate/clip_ratio", clipped.float().mean(-1), gate_mask)
+
+        if self.args.router_entropy_coef > 0:
+            loss = loss - self.args.router_entropy_coef * self._router_entropy(mode, inputs, log_probs, gate_mask)
 
         dispatched = torch.stack([c.dispatched for c in captures])
         if self.balance_loss_coef:
