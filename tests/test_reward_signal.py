@@ -226,6 +226,22 @@ def test_excluding_zero_spread_groups_is_training_on_the_live_groups_alone(tmp_p
     assert max((excluded_grads[n] - g).abs().max().item() for n, g in kept_grads.items()) > 0.1 * scale
 
 
+def test_excluded_groups_get_exactly_zero_advantages(tmp_path, tokenizer, dataset):
+    """A group whose rewards differ by one float32 ulp has zero std by TRL's test (no spread), yet TRL hands its
+    rows advantages of about 1e-6 (a 1e-10 difference divided by `std + 1e-4`); excluded, they are exactly 0."""
+    low = torch.tensor(1e-3)
+    high = torch.nextafter(low, torch.tensor(1.0)).item()
+
+    def one_ulp_apart(completions, **kwargs):
+        return [high if i % GROUP == 0 else low.item() for i in range(len(completions))]
+
+    for mode, expect_zero in (("keep", False), ("exclude_from_normalizer", True)):
+        trainer = build(tmp_path, tokenizer, dataset, reward=one_ulp_apart, zero_spread_groups=mode)
+        batch = generate(trainer, dataset)
+        assert trainer._metrics["train"]["routing/reward_spread_share"] == [0.0]
+        assert (batch["advantages"] == 0).all() == expect_zero, (mode, batch["advantages"])
+
+
 def test_keep_leaves_the_batch_as_trl_builds_it(tmp_path, tokenizer, dataset):
     trainer = build(tmp_path, tokenizer, dataset)
     batch = generate(trainer, dataset)
