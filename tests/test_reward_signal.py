@@ -249,6 +249,100 @@ def test_keep_leaves_the_batch_as_trl_builds_it(tmp_path, tokenizer, dataset):
     assert trainer._zero_spread_factor(batch, "token") == 1.0
 
 
+# ---------------------------------------------------------------------------------- regenerating zero-spread groups
+
+
+def test_unpad_routes_inverts_pad_routes():
+    from trl_moe_grpo.routing import pad_routes
+    from trl_moe_grpo.routing.traces import unpad_routes
+
+    generator = torch.Generator().manual_seed(0)
+    for multiple in (None, 4):
+        prompts = [torch.randint(0, 8, (n, 2, 2), generator=generator, dtype=torch.int16) for n in (3, 1, 6)]
+        completions = [torch.randint(0, 8, (n, 2, 2), generator=generator, dtype=torch.int16) for n in (2, 5, 1)]
+        routes = pad_routes(prompts, completions, multiple)
+        back_prompts, back_completions = unpad_routes(routes, [3, 1, 6], [2, 5, 1], multiple)
+        for mine, theirs in zip(back_prompts + back_completions, prompts + completions):
+            assert torch.equal(mine, theirs)
+
+
+def test_regenerated_groups_carry_their_own_routing_traces(tmp_path, tokenizer, dataset):
+    """DAPO's dynamic sampling: dead groups are generated again and take the rollouts of their first attempt with
+    reward spread. Rows of one batch then come from different generations, and each must carry its own trace: a
+    forward replaying the final batch's traces reproduces, row by row, the log-probabilities of the generation the
+    row came from (within 1e-5). The first scoring gives every rollout the same reward, so every group is dead."""
+    scorings = []
+
+    def dead_first(completions, **kwargs):
+        scorings.append(len(completions))
+        return [1.0] * len(completions) if len(scorings) == 1 else digit_share(completions)
+
+    trainer = build(
+        tmp_path, tokenizer, dataset, reward=dead_first, regenerate_zero_spread_groups=3, max_completion_length=4
+    )
+    model = trainer.model
+    generations = []
+    plain_generate = model.generate
+
+    def generate_keeping_logits(*args, **kwargs):
+        out = plain_generate(*args, **kwargs, output_logits=True, return_dict_in_generate=True)
+        generations.append(torch.stack(out.logits, 1).log_softmax(-1))
+        return out.sequences
+
+    model.generate = generate_keeping_logits
+    torch.manual_seed(3)
+    batch = generate(trainer, dataset, num_prompts=4)
+    attempts = trainer.last_regeneration_attempts
+    metrics = trainer._metrics["train"]
+    assert metrics["routing/reward_spread_share_first_generation"] == [0.0]
+    assert len(generations) == 1 + metrics["routing/regeneration_attempts"][-1] == len(scorings) - 1
+    assert len(set(attempts.tolist())) >= 2, "the batch must mix rows of different generations for the check to bite"
+    assert (attempts > 0).any() and metrics["routing/reward_spread_share"][-1] > 0
+    for start in range(0, len(attempts), GROUP):  # a group's rollouts come from one generation
+        assert len(set(attempts[start : start + GROUP].tolist())) == 1
+
+    completions, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    width = completions.shape[1]
+    generation_log_probs = torch.zeros(completions.shape)
+    for row, attempt in enumerate(attempts.tolist()):
+        logps = generations[attempt][row]
+        steps = min(width, logps.shape[0])
+        generation_log_probs[row, :steps] = logps[:steps].gather(-1, completions[row, :steps, None])[:, 0]
+    with torch.no_grad(), trainer._routing_step():
+        trainer._batch_routes = batch["routed_experts"]
+        replayed, _, _ = trainer._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([batch["prompt_ids"], completions], 1),
+            torch.cat([batch["prompt_mask"], completion_mask], 1),
+            width,
+        )
+    assert ((replayed - generation_log_probs).abs() * completion_mask).max() <= 1e-5
+    # The check has teeth: the first generation's log-probs do not fit the regenerated rows.
+    first = torch.zeros(completions.shape)
+    steps = min(width, generations[0].shape[1])
+    first[:, :steps] = generations[0][:, :steps].gather(-1, completions[:, :steps, None])[..., 0]
+    regenerated = (attempts > 0)[:, None] & completion_mask.bool()
+    assert ((replayed - first).abs() * regenerated).max() > 1e-3
+
+
+def test_regeneration_stops_when_every_group_has_spread(tmp_path, tokenizer, dataset):
+    trainer = build(tmp_path, tokenizer, dataset, regenerate_zero_spread_groups=2)
+    generate(trainer, dataset, num_prompts=4)  # `alternating_spread`: half the groups are dead in every attempt
+    metrics = trainer._metrics["train"]
+    assert metrics["routing/regeneration_attempts"] == [2.0]
+    assert (trainer.last_regeneration_attempts == 0).all()  # no attempt gave the dead groups spread: kept as they were
+
+    trainer = build(
+        tmp_path,
+        tokenizer,
+        dataset,
+        regenerate_zero_spread_groups=2,
+        reward=lambda completions, **kw: [float(i % GROUP) for i in range(len(completions))],
+    )
+    generate(trainer, dataset)
+    assert trainer._metrics["train"]["routing/regeneration_attempts"] == [0.0]
+
+
 # ---------------------------------------------------------------------------------- router entropy bonus
 
 

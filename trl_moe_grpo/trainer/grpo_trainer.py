@@ -35,6 +35,8 @@ from accelerate.utils import gather_object, is_peft_model
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import GRPOTrainer
+from trl.chat_template_utils import parse_response
+from trl.data_utils import is_conversational
 from trl.trainer.utils import nanstd
 
 from ..analysis.routing import RoutingAnalysis
@@ -45,6 +47,7 @@ from ..routing import RoutingController, pad_routes, split_rollout_routes
 from ..routing.controller import LayerCapture
 from ..routing.introspection import model_identity, vision_token_ids
 from ..routing.sampling import tempered_log_probs
+from ..routing.traces import unpad_routes
 from ..vllm_routing.options import refuse_vision_language_model
 from ..zero3 import gathered_parameters
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
@@ -179,6 +182,12 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         # from the old-log-prob pass, "policy_captures" from the training forward. Each is taken once by its reader.
         self._forward_results: dict[str, Any] = {}
         self._eval_routing: EvalRoutingCollector | None = None  # open while `evaluation_loop` runs
+        # Dynamic sampling (`regenerate_zero_spread_groups`): the rows and prompts being generated, a re-entry guard,
+        # and per row of the last training batch the attempt its rollout came from (0: the first generation).
+        self._rollout_rows: list[dict] | None = None
+        self._rollout_prompts: list | None = None
+        self._regenerating = False
+        self.last_regeneration_attempts: torch.Tensor | None = None
         # The routing measures of the last `evaluate()` (expert counts per sequence, by task), for reports.
         self.last_eval_routing: RoutingAnalysis | None = None
 
@@ -278,6 +287,10 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             self.generation_config, self.generation_kwargs = training
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._regenerates_zero_spread_groups():  # DAPO's dynamic sampling (`regenerate_zero_spread_groups`)
+            return self._generate_regenerating_zero_spread_groups(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         routing = self.args.rollout_routing if self.model.training else "topk"  # evaluation routes like inference
         if self.use_vllm:
             return self._generate_single_turn_vllm(routing, prompt_ids, images, multimodal_fields, num_generations)
@@ -314,6 +327,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         self._scoring_rollouts = True
         if self._eval_routing is not None:
             self._eval_routing.add_rows(inputs)
+        self._rollout_rows = inputs  # the rewards of regenerated groups need them (`regenerate_zero_spread_groups`)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -446,6 +460,99 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             )
         total = torch.as_tensor(total, dtype=torch.float32, device=live.device).clamp(min=1.0)
         return total / torch.as_tensor(kept, dtype=torch.float32, device=live.device).clamp(min=1.0)
+
+    def _generate(self, prompts: list):
+        self._rollout_prompts = prompts  # what TRL hands the reward functions (`regenerate_zero_spread_groups`)
+        return super()._generate(prompts)
+
+    def _regenerates_zero_spread_groups(self) -> bool:
+        return bool(self.args.regenerate_zero_spread_groups) and self.model.training and not self._regenerating
+
+    def _generate_regenerating_zero_spread_groups(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        """`_generate_single_turn`, with the groups whose rewards are all equal generated again, up to
+        `regenerate_zero_spread_groups` times (DAPO's dynamic sampling, on the same prompts).
+
+        Each attempt generates the whole batch (every process the same number of times, since the decision comes from
+        the rewards gathered over all processes), scores it with the reward functions, and gives each still-dead group
+        the rollouts of its first attempt with spread: completion ids, log-probs and the routing trace of every row
+        travel together, cut out of their attempt's trace and padded again like TRL's token ids. TRL then scores the
+        final rollouts as usual (the reward functions run once more on them; what they log during the attempts is
+        dropped). Per row, the attempt its rollout came from is kept in `last_regeneration_attempts`.
+        """
+        rows, prompts = self._rollout_rows, self._rollout_prompts
+        if rows is None or prompts is None or len(rows) != len(prompt_ids):
+            raise MoEGRPOError("Regenerating zero-spread groups needs the batch's rows: generate through TRL's loop.")
+        group = self.num_generations
+        start = self.accelerator.process_index * len(prompt_ids)
+        groups = torch.arange(start, start + len(prompt_ids)) // group  # each local row's group over all processes
+        self._regenerating = True
+        try:
+            completion_ids, logprobs, prompt_routes, completion_routes, spread = self._scored_attempt(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows, prompts, group
+            )
+            first_share = spread.float().mean().item()
+            attempt_of_row = torch.zeros(len(prompt_ids), dtype=torch.long)
+            attempts = 0
+            while attempts < self.args.regenerate_zero_spread_groups and not bool(spread.all()):
+                attempts += 1
+                attempt = self._scored_attempt(
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows, prompts, group
+                )
+                taken = (~spread & attempt[4]).cpu()
+                for row in torch.nonzero(taken[groups]).flatten().tolist():
+                    completion_ids[row] = attempt[0][row]
+                    if logprobs is not None:
+                        logprobs[row] = attempt[1][row]
+                    prompt_routes[row], completion_routes[row] = attempt[2][row], attempt[3][row]
+                    attempt_of_row[row] = attempts
+                spread = spread | taken.to(spread.device)
+        finally:
+            self._regenerating = False
+        self._batch_routes = pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(
+            self.accelerator.device
+        )
+        self.last_regeneration_attempts = attempt_of_row
+        metrics = self._metrics["train"]
+        metrics["routing/reward_spread_share_first_generation"].append(first_share)
+        metrics["routing/regeneration_attempts"].append(float(attempts))
+        return completion_ids, logprobs
+
+    def _scored_attempt(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows, prompts, group
+    ):
+        """One generation of the batch: `(completion_ids, logprobs, prompt_routes, completion_routes, spread)`, the
+        routes cut per row out of the attempt's trace, `spread` the `[groups]` reward spread over all processes."""
+        completion_ids, logprobs = self._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+        )
+        completion_ids, logprobs = list(completion_ids), None if logprobs is None else list(logprobs)
+        prompt_routes, completion_routes = unpad_routes(
+            self._batch_routes,
+            [len(ids) for ids in prompt_ids],
+            [len(ids) for ids in completion_ids],
+            self.pad_to_multiple_of,
+        )
+        # The reward functions' own logging (`log_extra`, `log_metric`) is for the final rollouts only.
+        pending = copy.deepcopy(self._pending_extra_logs), copy.deepcopy(self._pending_metrics)
+        try:
+            completions = self._decode_for_rewards(prompts, prompt_ids, completion_ids)
+            rewards_per_func = super()._calculate_rewards(rows, prompts, completions, completion_ids)
+        finally:
+            self._pending_extra_logs, self._pending_metrics = pending
+        spread = self._group_reward_spread(rewards_per_func, group)
+        return completion_ids, logprobs, prompt_routes, completion_routes, spread
+
+    def _decode_for_rewards(self, prompts: list, prompt_ids: list, completion_ids: list) -> list:
+        """The completions as TRL's `_generate` decodes them for the reward functions (single-turn, no tools)."""
+        if not is_conversational({"prompt": prompts[0]}):
+            return self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        tokenizer = self._tokenizer
+        if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
+            return [[parse_response(tokenizer, ids, prefix=prompt_ids[i])] for i, ids in enumerate(completion_ids)]
+        contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        return [[{"role": "assistant", "content": content}] for content in contents]
 
     def _rollout_policy_log_probs(self, log_probs: torch.Tensor) -> torch.Tensor:
         """The law training rollouts drew their sets from: the selection distribution tempered by
