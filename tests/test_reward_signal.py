@@ -458,17 +458,21 @@ def test_a_run_with_every_lever_logs_and_saves_them(tmp_path, tokenizer, dataset
         zero_spread_groups="exclude_from_normalizer",
         router_entropy_coef=0.01,
         router_warmup_steps=1,
+        regenerate_zero_spread_groups=1,
+        num_iterations=2,
     )
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all(math.isfinite(log["loss"]) for log in logs)
-    assert all(log["routing/reward_spread_share"] == 0.5 and "gate/entropy" in log for log in logs)
+    assert all("gate/entropy" in log for log in logs)
+    # Logged with each generation (here every other step: num_iterations=2 reuses it).
+    assert logs[0]["routing/reward_spread_share"] == 0.5 and logs[0]["routing/regeneration_attempts"] == 1.0
     trainer._save(str(tmp_path / "saved"))
     saved = json.loads((tmp_path / "saved" / ROUTING_FILE).read_text())
     assert saved["rollout_routing_temperature"] == 1.5
     assert saved["zero_spread_groups"] == "exclude_from_normalizer"
     assert saved["router_entropy_coef"] == 0.01 and saved["router_warmup_steps"] == 1
-    assert saved["regenerate_zero_spread_groups"] == 0
+    assert saved["regenerate_zero_spread_groups"] == 1
 
 
 @pytest.mark.parametrize(
