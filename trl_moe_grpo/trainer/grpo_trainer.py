@@ -7,6 +7,8 @@ How it hooks into TRL (each override is the narrowest method that does the job a
   and recorded inside vLLM instead (`vllm_routing/generation.py`, `docs/vllm.md`), into the same trace.
 - `_generate_and_score_completions`: the trace joins the batch dict as `routed_experts`, so TRL's buffering,
   shuffling and micro-batch splitting keep it aligned with its rows for free.
+- `_calculate_rewards`, `_generate`: the reward spread of each group (`routing/reward_spread_share`), for the levers
+  of `docs/design.md` §8 (zero-spread groups out of the normalizers, or generated again).
 - `_get_per_token_logps_and_entropies`: every forward TRL makes (old log-probs, reference, policy) replays the trace.
   Token-GRPO is therefore TRL's own token loss, computed under replay. Each forward's captures are read right after
   it ran and kept only for the forward they came from (old gate log-probs from the old-log-prob pass, the policy's
@@ -14,7 +16,8 @@ How it hooks into TRL (each override is the narrowest method that does the job a
   or its "ref" adapter active) keeps nothing, whatever order TRL runs them in.
 - `_compute_loss`: adds Gate-GRPO and the load-balancing loss on the routed sets, from what the training forward
   captured.
-- `create_optimizer`: an optional learning rate of the routers' own (`router_learning_rate`).
+- `create_optimizer`, `create_scheduler`: an optional learning rate of the routers' own (`router_learning_rate`) and
+  warm-up (`router_warmup_steps`).
 - `training_step` / `prediction_step`: bound the replay state to the whole step, backward (checkpoint recompute)
   included.
 """
