@@ -77,8 +77,9 @@ class MoEGRPOConfig(GRPOConfig):
             useful gradient by the share of dead groups. `"exclude_from_normalizer"`: the normalizers of the token and
             Gate-GRPO losses count only rows of groups with reward spread (rows for `grpo`, `sapo`, `dr_grpo`,
             `luspo`; tokens or positions for `bnpo`, `dapo`, `cispo`, `vespo`), and the dead rows' advantages are set
-            to exactly 0 (TRL's are rounding noise there, divided by `std + 1e-4`): the loss is then the loss of the
-            live rows alone. The balance loss and the entropy bonus are unchanged (`docs/design.md` §8).
+            to exactly 0 (TRL's are not when the rewards differ by less than its closeness test): the loss is then
+            the loss of the live rows alone. The balance loss and the entropy bonus are unchanged (`docs/design.md`
+            §8).
         regenerate_zero_spread_groups (`int`, *optional*, defaults to `0`):
             Regenerate the groups whose rewards are all equal up to this many times before training on the batch
             (DAPO's dynamic sampling, on the same prompts): each attempt regenerates the whole generation batch and a

@@ -191,6 +191,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         self._rollout_prompts: list | None = None
         self._regenerating = False
         self.last_regeneration_attempts: torch.Tensor | None = None
+        self._reward_spread_rows: torch.Tensor | None = None  # per row of the last scored batch, all processes
         # The routing measures of the last `evaluate()` (expert counts per sequence, by task), for reports.
         self.last_eval_routing: RoutingAnalysis | None = None
 
@@ -417,8 +418,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
         Adds `reward_spread` (`[batch]` bool, this process's rows, so TRL's shuffling and splitting keep it aligned),
         and the generation batch's counts of live loss items over every process (`num_live_items_in_batch`,
-        `num_live_gate_items_in_batch`), and sets the dead rows' advantages to exactly 0: TRL's are rounding noise
-        there (the group mean of equal floats need not equal them, and TRL divides by `std + 1e-4`).
+        `num_live_gate_items_in_batch`), and sets the dead rows' advantages to exactly 0: TRL's are not, when the
+        rewards differ by less than its closeness test (their difference divided by `std + 1e-4`).
         """
         if self.args.zero_spread_groups == "keep":
             return
