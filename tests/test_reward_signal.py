@@ -77,11 +77,12 @@ def _tolerance(prob: float, draws: int) -> float:
     return 5 * math.sqrt(prob * (1 - prob) / draws) + 1e-4
 
 
-@pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_tempered_rollouts_draw_sets_with_the_tempered_law(temperature):
+@pytest.mark.parametrize(("temperature", "masked"), [(0.5, False), (2.0, False), (2.0, True)])
+def test_tempered_rollouts_draw_sets_with_the_tempered_law(temperature, masked):
     """Sampled routing at temperature T, through the controller's hooks on a real model: the frequencies of the
     expert sets of layer 0 (whose input no routing precedes, so every copy of a prompt sees the same logits) match
-    the law `softmax(log p / T)` that Gate-GRPO scores, and not the untempered one."""
+    the law `softmax(log p / T)` that Gate-GRPO scores (`p` renormalized over the experts a modality mask allows),
+    and not the untempered one."""
     model = tiny_moe_model("qwen3_moe", seed=0)
     controller = RoutingController(model)
     prompt = torch.tensor([[5, 17, 3]])
@@ -90,6 +91,11 @@ def test_tempered_rollouts_draw_sets_with_the_tempered_law(temperature):
         with controller.capture() as captured:
             model(input_ids=prompt)
         log_p = captured.selection_probs[0][0, :, 0].log()  # [tokens, experts] of layer 0
+        if masked:  # text tokens may not draw experts 2 and 6 (the trainer's `_selection_log_probs` law)
+            masks = torch.ones(controller.num_layers, 2, controller.num_experts, dtype=torch.bool)
+            masks[:, 0, [2, 6]] = False
+            controller.set_expert_masks(masks)
+            log_p = log_p.masked_fill(~masks[0, 0], float("-inf")).log_softmax(-1)
         torch.manual_seed(1234)
         with controller.rollout("sample", temperature=temperature) as recording:
             model(input_ids=prompt.expand(draws, -1))
@@ -105,6 +111,7 @@ def test_tempered_rollouts_draw_sets_with_the_tempered_law(temperature):
         counts = torch.bincount(codes, minlength=n * n).double() / draws
         tempered = set_log_prob(tempered_log_probs(log_p[token], temperature).expand(len(subsets), -1), experts).exp()
         plain = set_log_prob(log_p[token].expand(len(subsets), -1), experts).exp()
+        tempered, plain = tempered.nan_to_num(0.0), plain.nan_to_num(0.0)  # sets with a masked expert: probability 0
         assert tempered.sum().item() == pytest.approx(1.0, abs=1e-5)
         for (a, b), prob, plain_prob in zip(subsets, tempered.tolist(), plain.tolist()):
             freq = counts[a * n + b].item()
