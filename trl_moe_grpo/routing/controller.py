@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import MoEGRPOError
 from .adapters import RouterAdapter, find_routers
 from .assignment import expert_choice, sinkhorn_top_k
-from .sampling import gumbel_top_k, noisy_top_k
+from .sampling import gumbel_top_k, noisy_top_k, tempered_log_probs
 
 RolloutRouting = Literal["topk", "sample", "noise"]
 TrainingRouting = Literal["topk", "sample", "noise", "expert_choice", "sinkhorn"]
@@ -157,6 +157,7 @@ class RoutingController:
 
         self.mode: Literal["topk", "sample", "noise", "replay"] = "topk"
         self.noise_std = 1.0
+        self.temperature = 1.0  # of `sample` rollouts: draws from softmax(log p / T)
         self.expert_masks: torch.Tensor | None = None  # [layers, 2, experts] bool: True = may be drawn
         self._recording: RolloutRecording | None = None
         self._call_shape: tuple[int, int] | None = None
@@ -203,18 +204,28 @@ class RoutingController:
         self.expert_masks = masks
 
     @contextlib.contextmanager
-    def rollout(self, routing: RolloutRouting, noise_std: float = 1.0) -> Iterator[RolloutRecording]:
-        """Route with `routing` and record every call's expert ids while the context is open."""
+    def rollout(
+        self, routing: RolloutRouting, noise_std: float = 1.0, temperature: float = 1.0
+    ) -> Iterator[RolloutRecording]:
+        """Route with `routing` and record every call's expert ids while the context is open.
+
+        `temperature` tempers `sample` routing: K experts are drawn without replacement from `softmax(log p / T)`
+        (`sampling.tempered_log_probs`), `p` the (masked) selection distribution.
+        """
         if routing not in ("topk", "sample", "noise"):
             raise MoEGRPOError(f"Unknown rollout routing {routing!r}: use 'topk', 'sample' or 'noise'.")
+        if not temperature > 0:
+            raise MoEGRPOError(f"The routing temperature must be positive, got {temperature}.")
         self._refuse_inside_training_routing("rollout")
         previous = self.mode
         recording = RolloutRecording(steps=[])
         self.mode, self.noise_std, self._recording = routing, noise_std, recording
+        self.temperature = temperature
         try:
             yield recording
         finally:
             self.mode, self._recording, self._call_shape = previous, None, None
+            self.temperature = 1.0
 
     @contextlib.contextmanager
     def capture(self, selection_probs: bool = True) -> Iterator[RolloutRecording]:
@@ -462,7 +473,7 @@ class RoutingController:
         if self.mode in ("sample", "noise"):
             log_probs = self._masked(adapter.selection_log_probs(logits), layer)
             if self.mode == "sample":
-                indices = gumbel_top_k(log_probs, self.top_k)
+                indices = gumbel_top_k(tempered_log_probs(log_probs, self.temperature), self.top_k)
             else:
                 indices = noisy_top_k(log_probs, self.top_k, self.noise_std)
             weights = adapter.mixing_weights(logits, indices, like=weights)

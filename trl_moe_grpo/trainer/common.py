@@ -13,7 +13,7 @@ from transformers.utils import logging
 
 from ..errors import MoEGRPOError
 from ..routing import RoutingController, find_routers
-from .optim import set_router_learning_rate
+from .optim import set_router_learning_rate, warm_up_routers
 from .options import refuse_reentrant_checkpointing
 
 logger = logging.get_logger(__name__)
@@ -150,9 +150,18 @@ class MoETrainerMixin:
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.args.router_learning_rate is not None:
+        if self.args.router_learning_rate is not None or getattr(self.args, "router_warmup_steps", 0):
             set_router_learning_rate(optimizer, self.router_trainable_parameters(), self.args.router_learning_rate)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The scheduler of the Trainer, plus the routers' own linear warm-up (`router_warmup_steps`)."""
+        warmup = getattr(self.args, "router_warmup_steps", 0)
+        built = self.lr_scheduler is not None  # transformers builds it once; wrap it once
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if warmup and not built:
+            warm_up_routers(scheduler, warmup)
+        return scheduler
 
     def _take_over_balance_loss(self, policy, *others, policy_flag: bool | None = None) -> None:
         """Compute the load-balancing loss ourselves, on the experts the tokens were dispatched to.

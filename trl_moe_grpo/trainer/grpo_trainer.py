@@ -25,9 +25,11 @@ and through TRL's batch dict. Each override is the narrowest TRL method that doe
 6. `training_step` / `prediction_step` bound all of it to the step, backward (checkpoint recompute) included:
    `_routing_step()` ends the controllers' replay state and calls `_replay.end_step()`, which forgets the rest.
 
-Also overridden: `create_optimizer` (an optional learning rate of the routers' own, `router_learning_rate`),
-`evaluation_loop` (the routing measures of the whole evaluation set), `_calculate_rewards` (the within-group reward
-spread and per-task rewards as metrics), `train` and `_save` (modality guidance, the routing options saved with
+Also overridden: `create_optimizer` and `create_scheduler` (an optional learning rate of the routers' own,
+`router_learning_rate`, and its warm-up, `router_warmup_steps`), `evaluation_loop` (the routing measures of the whole
+evaluation set), `_calculate_rewards` and `_generate` (the within-group reward spread, `routing/reward_spread_share`,
+and per-task rewards as metrics; what the levers of `docs/design.md` §11 need: zero-spread groups out of the
+normalizers, or generated again), `train` and `_save` (modality guidance, the routing options saved with
 checkpoints).
 """
 
@@ -47,6 +49,8 @@ from accelerate.utils import gather_object, is_peft_model
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import GRPOTrainer
+from trl.chat_template_utils import parse_response
+from trl.data_utils import is_conversational
 from trl.trainer.utils import nanstd
 
 from ..analysis.routing import RoutingAnalysis
@@ -56,6 +60,8 @@ from ..losses import balance_loss_given_load, clipped_objective, expert_load, re
 from ..routing import RolloutRecording, RoutingController, pad_routes, split_rollout_routes
 from ..routing.controller import LayerCapture
 from ..routing.introspection import model_identity, vision_token_ids
+from ..routing.sampling import tempered_log_probs
+from ..routing.traces import unpad_routes
 from ..vllm_routing.options import refuse_vision_language_model
 from ..zero3 import gathered_parameters
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
@@ -78,6 +84,11 @@ ROUTING_OPTIONS = (
     "gate_loss_positions",
     "gate_set_logprob",
     "modality_mask_ratio",
+    "rollout_routing_temperature",
+    "zero_spread_groups",
+    "regenerate_zero_spread_groups",
+    "router_entropy_coef",
+    "router_warmup_steps",
 )
 
 
@@ -183,6 +194,13 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         # The rollout trace's hand-off between TRL's methods, and what the replayed forwards hand back (by role).
         self._replay = ReplayState()
         self._eval_routing: EvalRoutingCollector | None = None  # open while `evaluation_loop` runs
+        # Dynamic sampling (`regenerate_zero_spread_groups`): the rows and prompts being generated, a re-entry guard,
+        # and per row of the last training batch the attempt its rollout came from (0: the first generation).
+        self._rollout_rows: list[dict] | None = None
+        self._rollout_prompts: list | None = None
+        self._regenerating = False
+        self.last_regeneration_attempts: torch.Tensor | None = None
+        self._reward_spread_rows: torch.Tensor | None = None  # per row of the last scored batch, all processes
         # The routing measures of the last `evaluate()` (expert counts per sequence, by task), for reports.
         self.last_eval_routing: RoutingAnalysis | None = None
 
@@ -288,6 +306,10 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             self.generation_config, self.generation_kwargs = training
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._regenerates_zero_spread_groups():  # DAPO's dynamic sampling (`regenerate_zero_spread_groups`)
+            return self._generate_regenerating_zero_spread_groups(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         with self._rollout(self._active_routing()) as recording:
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -311,13 +333,17 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     @contextlib.contextmanager
     def _transformers_rollout(self, active: ActiveRouting) -> Iterator[RolloutRecording]:
-        with self.routing.rollout(active.rollout, active.noise_std) as recording, self._decoding(active.greedy):
+        with (
+            self.routing.rollout(active.rollout, active.noise_std, active.temperature) as recording,
+            self._decoding(active.greedy),
+        ):
             yield recording
 
     def _generate_and_score_completions(self, inputs):
         self._replay.begin_generation()
         if self._eval_routing is not None:
             self._eval_routing.add_rows(inputs)
+        self._rollout_rows = inputs  # the rewards of regenerated groups need them (`regenerate_zero_spread_groups`)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -338,6 +364,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             output["old_gate_logps"] = old_gate_logps
         gate_mask = self._gate_mask(routes, output["prompt_mask"], output["completion_mask"])
         output["num_gate_items_in_batch"] = self.accelerator.gather(gate_mask.sum()).sum()
+        self._add_reward_spread(output)  # zero-spread groups (`zero_spread_groups`)
         if self.balance_loss_coef:
             output.update(self._generation_batch_load(routes, output["prompt_mask"], output["completion_mask"]))
         return output
@@ -363,6 +390,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
+        self._reward_spread_rows = self._group_reward_spread(rewards_per_func, group).repeat_interleave(group)
+        self._metrics[mode]["routing/reward_spread_share"].append(self._reward_spread_rows.float().mean().item())
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
         if group > 1:
             # The learning signal of GRPO: if the G rollouts of a prompt agree, every advantage is zero.
@@ -375,6 +404,194 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             for task, reward in zip(tasks, rewards.tolist()):
                 self._metrics[mode][f"reward_by_task/{task}"].append(reward)
         return rewards_per_func
+
+    # ------------------------------------------------------------------ levers that give routing rewards signal
+
+    @torch.no_grad()
+    def _group_reward_spread(self, rewards_per_func: torch.Tensor, group: int) -> torch.Tensor:
+        """`[groups]` bool: whether the G rewards of a group differ, which is what gives its rollouts an advantage.
+
+        The rewards are the ones TRL's advantages start from: the weighted sum over reward functions, unscorable rows
+        (every function returned None) left out. A group has spread when the std of its scorable rewards is not close
+        to 0, TRL's own test for `frac_reward_zero_std`; a group of one, or with fewer than two scorable rollouts,
+        has none.
+        """
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        if group < 2:
+            return torch.zeros(rewards.numel() // max(group, 1), dtype=torch.bool, device=rewards.device)
+        std = nanstd(rewards.view(-1, group), dim=1)
+        return ~torch.isclose(std, torch.zeros_like(std)) & ~torch.isnan(std)
+
+    def _add_reward_spread(self, output: dict[str, Any]) -> None:
+        """Under `zero_spread_groups="exclude_from_normalizer"`, the batch learns which rows have reward spread.
+
+        Adds `reward_spread` (`[batch]` bool, this process's rows, so TRL's shuffling and splitting keep it aligned),
+        and the generation batch's counts of live loss items over every process (`num_live_items_in_batch`,
+        `num_live_gate_items_in_batch`), and sets the dead rows' advantages to exactly 0: TRL's are not, when the
+        rewards differ by less than its closeness test (their difference divided by `std + 1e-4`).
+        """
+        if self.args.zero_spread_groups == "keep":
+            return
+        rows = output["prompt_ids"].size(0)
+        start = self.accelerator.process_index * rows  # TRL's own slice of the gathered rewards
+        live = self._reward_spread_rows[start : start + rows].to(output["advantages"].device)
+        output["reward_spread"] = live
+        output["advantages"] = torch.where(live, output["advantages"], torch.zeros_like(output["advantages"]))
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_live_items_in_batch"] = self.accelerator.gather((loss_mask * live[:, None]).sum()).sum()
+        gate_mask = self._gate_mask(output["routed_experts"], output["prompt_mask"], output["completion_mask"])
+        output["num_live_gate_items_in_batch"] = self.accelerator.gather((gate_mask & live[:, None]).sum()).sum()
+
+    def _zero_spread_factor(
+        self, inputs: dict[str, Any], loss: str, gate_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | float:
+        """The factor that turns the normalizer of the token (`loss="token"`) or Gate-GRPO (`"gate"`) loss into one
+        counting only rows of groups with reward spread; 1.0 under `zero_spread_groups="keep"`.
+
+        Each normalization TRL uses divides a masked sum by a count: rows of the micro-batch (`grpo`, `sapo`,
+        `dr_grpo`, `luspo`), its masked items (`bnpo`), or the generation batch's masked items (`dapo`, `cispo`,
+        `vespo`). The dead rows' terms in the sum are 0 (advantage 0; with `beta > 0` their KL terms stay), so
+        multiplying by count / live count gives the sum divided by the live count (at least 1, as TRL clamps).
+        """
+        if self.args.zero_spread_groups == "keep":
+            return 1.0
+        live = inputs["reward_spread"]
+        if loss == "token":
+            mask, items = inputs["completion_mask"] * inputs.get("tool_mask", 1), "items_in_batch"
+        else:
+            mask, items = gate_mask, "gate_items_in_batch"
+        if self.loss_type in ("grpo", "sapo", "dr_grpo", "luspo"):
+            total, kept = live.numel(), live.sum()
+        elif self.loss_type == "bnpo":
+            total, kept = mask.sum(), (mask * live[:, None]).sum()
+        elif self.loss_type in ("dapo", "cispo", "vespo"):
+            total, kept = inputs[f"num_{items}"], inputs[f"num_live_{items}"]
+        else:
+            raise MoEGRPOError(
+                f"`zero_spread_groups='exclude_from_normalizer'` does not know TRL's normalizer of loss_type="
+                f"{self.loss_type!r}. Use `zero_spread_groups='keep'`."
+            )
+        total = torch.as_tensor(total, dtype=torch.float32, device=live.device).clamp(min=1.0)
+        return total / torch.as_tensor(kept, dtype=torch.float32, device=live.device).clamp(min=1.0)
+
+    def _generate(self, prompts: list):
+        self._rollout_prompts = prompts  # what TRL hands the reward functions (`regenerate_zero_spread_groups`)
+        return super()._generate(prompts)
+
+    def _regenerates_zero_spread_groups(self) -> bool:
+        return bool(self.args.regenerate_zero_spread_groups) and self.model.training and not self._regenerating
+
+    def _generate_regenerating_zero_spread_groups(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        """`_generate_single_turn`, with the groups whose rewards are all equal generated again, up to
+        `regenerate_zero_spread_groups` times (DAPO's dynamic sampling, on the same prompts).
+
+        Each attempt generates the whole batch (every process the same number of times, since the decision comes from
+        the rewards gathered over all processes), scores it with the reward functions, and gives each still-dead group
+        the rollouts of its first attempt with spread: completion ids, log-probs and the routing trace of every row
+        travel together, cut out of their attempt's trace and padded again like TRL's token ids. TRL then scores the
+        final rollouts as usual (the reward functions run once more on them; what they log during the attempts is
+        dropped). Per row, the attempt its rollout came from is kept in `last_regeneration_attempts`.
+        """
+        rows, prompts = self._rollout_rows, self._rollout_prompts
+        if rows is None or prompts is None or len(rows) != len(prompt_ids):
+            raise MoEGRPOError("Regenerating zero-spread groups needs the batch's rows: generate through TRL's loop.")
+        group = self.num_generations
+        start = self.accelerator.process_index * len(prompt_ids)
+        groups = torch.arange(start, start + len(prompt_ids)) // group  # each local row's group over all processes
+        self._regenerating = True
+        try:
+            completion_ids, logprobs, prompt_routes, completion_routes, spread = self._scored_attempt(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows, prompts, group
+            )
+            first_share = spread.float().mean().item()
+            attempt_of_row = torch.zeros(len(prompt_ids), dtype=torch.long)
+            attempts = 0
+            while attempts < self.args.regenerate_zero_spread_groups and not bool(spread.all()):
+                attempts += 1
+                attempt = self._scored_attempt(
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows, prompts, group
+                )
+                taken = (~spread & attempt[4]).cpu()
+                for row in torch.nonzero(taken[groups]).flatten().tolist():
+                    completion_ids[row] = attempt[0][row]
+                    if logprobs is not None:
+                        logprobs[row] = attempt[1][row]
+                    prompt_routes[row], completion_routes[row] = attempt[2][row], attempt[3][row]
+                    attempt_of_row[row] = attempts
+                spread = spread | taken.to(spread.device)
+        finally:
+            self._regenerating = False
+        self._replay.set_trace(
+            pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(self.accelerator.device)
+        )
+        self.last_regeneration_attempts = attempt_of_row
+        metrics = self._metrics["train"]
+        metrics["routing/reward_spread_share_first_generation"].append(first_share)
+        metrics["routing/regeneration_attempts"].append(float(attempts))
+        return completion_ids, logprobs
+
+    def _scored_attempt(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images, rows, prompts, group
+    ):
+        """One generation of the batch: `(completion_ids, logprobs, prompt_routes, completion_routes, spread)`, the
+        routes cut per row out of the attempt's trace, `spread` the `[groups]` reward spread over all processes."""
+        completion_ids, logprobs = self._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+        )
+        completion_ids, logprobs = list(completion_ids), None if logprobs is None else list(logprobs)
+        prompt_routes, completion_routes = unpad_routes(
+            self._replay.trace,
+            [len(ids) for ids in prompt_ids],
+            [len(ids) for ids in completion_ids],
+            self.pad_to_multiple_of,
+        )
+        # The reward functions' own logging (`log_extra`, `log_metric`) is for the final rollouts only.
+        pending = copy.deepcopy(self._pending_extra_logs), copy.deepcopy(self._pending_metrics)
+        try:
+            completions = self._decode_for_rewards(prompts, prompt_ids, completion_ids)
+            rewards_per_func = super()._calculate_rewards(rows, prompts, completions, completion_ids)
+        finally:
+            self._pending_extra_logs, self._pending_metrics = pending
+        spread = self._group_reward_spread(rewards_per_func, group)
+        return completion_ids, logprobs, prompt_routes, completion_routes, spread
+
+    def _decode_for_rewards(self, prompts: list, prompt_ids: list, completion_ids: list) -> list:
+        """The completions as TRL's `_generate` decodes them for the reward functions (single-turn, no tools)."""
+        if not is_conversational({"prompt": prompts[0]}):
+            return self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        tokenizer = self._tokenizer
+        if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
+            return [[parse_response(tokenizer, ids, prefix=prompt_ids[i])] for i, ids in enumerate(completion_ids)]
+        contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        return [[{"role": "assistant", "content": content}] for content in contents]
+
+    def _rollout_policy_log_probs(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The law training rollouts drew their sets from: the selection distribution tempered by
+        `rollout_routing_temperature` (`docs/design.md` §2). Evaluation routes top-K and is scored untempered."""
+        active = self._active_routing()
+        return tempered_log_probs(log_probs, active.temperature) if active.rollout == "sample" else log_probs
+
+    def _router_entropy(
+        self, mode: str, inputs: dict[str, Any], log_probs: torch.Tensor, gate_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Entropy of the routers' selection distributions (`log_probs`, `[layers, rows, experts]`, masked as the
+        sampler masked them, untempered), averaged over layers, then over the Gate-GRPO positions with Gate-GRPO's
+        normalization of `loss_type` (so gradient accumulation leaves it unchanged). Logged as `gate/entropy`."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        finite = log_probs.masked_fill(~torch.isfinite(log_probs), 0.0)  # masked experts: p = 0, no NaN gradient
+        entropy = -(log_probs.exp() * finite).sum(-1).mean(0).reshape(gate_mask.shape)
+        dapo_normalizer = inputs["num_gate_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            dapo_normalizer = dapo_normalizer * accumulation / self.args.steps_per_generation
+        prompt_width = inputs["prompt_ids"].size(1)
+        completion_only = self.args.gate_loss_positions == "completion"
+        max_length = self.max_completion_length + (0 if completion_only else prompt_width)
+        self._log_masked_mean(mode, "gate/entropy", entropy.detach(), gate_mask)
+        return reduce_like_trl(entropy, gate_mask, self.loss_type, accumulation, max_length, dapo_normalizer)
 
     # ------------------------------------------------------------------ replay in every forward
 
@@ -452,6 +669,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         self._replay.begin_loss(inputs["routed_experts"])
         token_loss = super()._compute_loss(model, inputs)
         captures = self._replay.take_policy_captures()
+        token_loss = token_loss * self._zero_spread_factor(inputs, "token")  # 1 unless `zero_spread_groups`
         return self.args.token_loss_coef * token_loss + self._routing_loss(inputs, captures)
 
     @staticmethod
@@ -490,6 +708,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         """`[batch, tokens, layers]` log-probability of each recorded expert set under the live gates."""
         if log_probs is None:
             log_probs = self._selection_log_probs(captures, self.routing.token_modality(input_ids).reshape(-1))
+        log_probs = self._rollout_policy_log_probs(log_probs)  # the tempered law rollouts drew from
         recorded = torch.stack([c.recorded for c in captures])  # [layers, rows, top_k]
         set_lp = set_log_prob(log_probs, recorded, self.args.gate_set_logprob)  # [layers, rows]
         return set_lp.t().reshape(*input_ids.shape, -1)
@@ -529,6 +748,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             gate_loss = reduce_like_trl(
                 per_decision.mean(-1), gate_mask, self.loss_type, accumulation, max_length, dapo_normalizer
             )
+            gate_loss = gate_loss * self._zero_spread_factor(inputs, "gate", gate_mask)  # 1 unless excluded
             loss = loss + self.args.gate_loss_coef * gate_loss
             self._log_masked_mean(mode, "gate/loss", per_decision.detach().mean(-1), gate_mask)
             ratio = torch.exp(gate_logps.detach() - old_gate_logps)
@@ -537,6 +757,9 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 (ratio > 1 + self.epsilon_high) & (advantages > 0)
             )
             self._log_masked_mean(mode, "gate/clip_ratio", clipped.float().mean(-1), gate_mask)
+
+        if self.args.router_entropy_coef > 0:
+            loss = loss - self.args.router_entropy_coef * self._router_entropy(mode, inputs, log_probs, gate_mask)
 
         dispatched = torch.stack([c.dispatched for c in captures])
         if self.balance_loss_coef:

@@ -42,6 +42,9 @@ class ActiveRouting:
             The rollouts' routing: `"sample"`, `"noise"` or `"topk"`.
         noise_std (`float`):
             The noise of `"noise"` routing.
+        temperature (`float`):
+            The temperature of `"sample"` routing's law (`rollout_routing_temperature` in training; evaluation routes
+            top-K, untempered).
         greedy (`bool`):
             Whether the rollouts decode their tokens greedily.
         dispatch_recorded (`bool`):
@@ -51,6 +54,7 @@ class ActiveRouting:
 
     rollout: RolloutRouting
     noise_std: float
+    temperature: float
     greedy: bool
     dispatch_recorded: bool
 
@@ -60,6 +64,7 @@ class ActiveRouting:
         return cls(
             rollout=args.rollout_routing if training else "topk",
             noise_std=args.routing_noise_std,
+            temperature=args.rollout_routing_temperature if training else 1.0,
             greedy=args.greedy_decoding or (not training and args.greedy_eval),
             dispatch_recorded=args.routing_replay,
         )
