@@ -145,6 +145,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--router-learning-rate", type=float, default=3e-3)
     parser.add_argument("--num-train", type=int, default=2048, help="rows of the generated visual_mc train split")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="visual_mc tasks of train, test and test_shifted (default: the six one-letter tasks); with the reasoning "
+        "task `tally`, use a model that writes its format (bundled/tiny-internvl-moe-reason) and "
+        "--max-completion-length 64",
+    )
     parser.add_argument("--num-test", type=int, default=512, help="rows scored per test split")
     parser.add_argument("--output", default="docs/results.md", help="the report (Markdown); results JSON beside it")
     parser.add_argument("--smoke", action="store_true", help="2 steps per arm, one seed, 16 rows per test split")
@@ -168,9 +176,9 @@ def resolve_splits(args: argparse.Namespace) -> None:
 def load_splits(args: argparse.Namespace):
     """The training split and the first `--num-test` rows of every test split, by name."""
     if args.dataset == "visual_mc":  # the demo's generated data, drawn here rather than read from a folder
-        from trl_moe_grpo.demo.visual_mc import visual_mc_dataset
+        from trl_moe_grpo.demo.visual_mc import TASKS, visual_mc_dataset
 
-        splits = visual_mc_dataset(args.num_train, args.num_test, seed=0)
+        splits = visual_mc_dataset(args.num_train, args.num_test, seed=0, tasks=tuple(args.tasks or TASKS))
         train, tests = splits["train"], {split: splits[split] for split in args.test_splits}
     else:
         from trl_moe_grpo.loading import load_dataset_split
@@ -280,6 +288,10 @@ def train_arm(
     from trl_moe_grpo import MoEGRPOConfig, MoEGRPOTrainer, MoESFTConfig, MoESFTTrainer
     from trl_moe_grpo.data_utils import sft_rows_from_answers
 
+    # Fine-tuning learns the reference completion: the whole worked solution where the data have one (visual_mc's
+    # reasoning rows), else the answer.
+    answer_column = "solution" if "solution" in (getattr(train, "column_names", None) or []) else "answer"
+
     model, processor = load_model(args.model)
     common = dict(
         max_steps=args.max_steps,
@@ -315,7 +327,10 @@ def train_arm(
                 output_dir=output_dir, per_device_train_batch_size=args.prompts_per_step, **common, **arm.options
             )
             trainer = MoESFTTrainer(
-                model, args=config, train_dataset=sft_rows_from_answers(train), processing_class=processor
+                model,
+                args=config,
+                train_dataset=sft_rows_from_answers(train, answer_column),
+                processing_class=processor,
             )
         before = router_weights(trainer.routing)
         trainer.train()
@@ -530,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
         for key in (
             "model", "dataset", "train_split", "test_splits", "generalization_splits", "reward", "max_steps",
             "prompts_per_step", "num_generations", "max_completion_length", "learning_rate", "router_learning_rate",
-            "num_train", "num_test",
+            "num_train", "num_test", "tasks",
         )
     }  # fmt: skip
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
