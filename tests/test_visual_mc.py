@@ -212,6 +212,9 @@ def test_every_evaluation_split_is_disjoint_from_training_and_deterministic():
     assert [row_fingerprint(row) for row in rows["test_heldout_tasks"]] == [row_fingerprint(row) for row in again]
     # Read back from the Dataset, a training row has the fingerprint it was generated with.
     assert train == fingerprints(visual_mc_rows(96, seed=1))
+    # Without `disjoint`, `test` is the raw draw (the split written before; `--keep_duplicates`).
+    raw = visual_mc_dataset(96, 48, seed=1, disjoint=False)["test"]
+    assert [row_fingerprint(row) for row in raw] == [row_fingerprint(row) for row in visual_mc_rows(48, seed=10_001)]
 
 
 def test_shifted_rows_are_the_test_rows_in_styles_training_never_uses():
