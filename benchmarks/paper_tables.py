@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from stats import mean_pm, mean_std, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -356,23 +357,8 @@ def train_arm(
 # ---------------------------------------------------------------------------------------------------- statistics
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of `a - b` over seeds and its standard error."""
-    differences = [x - y for x, y in zip(a, b)]
-    mean, std = mean_std(differences)
-    return mean, std / math.sqrt(len(differences))
-
-
-def verdict(difference: float, standard_error: float) -> str:
-    if not math.isfinite(standard_error):
-        return "one seed: no verdict"
-    if abs(difference) <= 2 * standard_error:
-        return "no difference (within 2 SE)"
-    return "higher" if difference > 0 else "lower"
+# `stats.py` (next to this script): mean ± std over seeds, paired differences ± SE, their verdicts; one seed has
+# neither an std nor an SE (n/a, no verdict).
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -411,7 +397,8 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
         f"seeds {seeds}. Accuracy on up to {n_test} rows of each test split ({', '.join(splits)}), greedy decoding "
         f"with the stock top-K routing. {headline} The sampling error of one accuracy on {n_test} rows is about "
         f"{math.sqrt(p * (1 - p) / n_test):.3f}; the spread across seeds is the std below. A difference counts only "
-        "where it exceeds twice its standard error (paired by seed).",
+        "where it exceeds twice its standard error (paired by seed); with one seed there is neither an std nor a "
+        "standard error (n/a) and no verdict.",
         "",
     ]
     if settings["dataset"] == "visual_mc":
@@ -453,12 +440,12 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
                 if arm == "moe_grpo":
                     cells.append("—")
                 else:
-                    difference, se = paired_difference(scores(arm), scores("moe_grpo"))
-                    cells.append(f"{difference:+.3f} ± {se:.3f}: {verdict(difference, se)}")
+                    difference = paired_difference(scores(arm), scores("moe_grpo"))
+                    cells.append(f"{mean_pm(difference.mean, difference.se, 3, sign=True)}: {difference.verdict}")
             paper_value = paper.get(arm)
             paper_cell = "" if paper_value is None else f"{paper_value:g}"
             lines.append(
-                f"| {ARMS[arm].label} | {mean:.3f} ± {std:.3f} | {per_split} | {' | '.join(cells)} | {paper_cell} |"
+                f"| {ARMS[arm].label} | {mean_pm(mean, std, 3)} | {per_split} | {' | '.join(cells)} | {paper_cell} |"
             )
         lines += ["", f"({PAPER_NOTES[table]})", ""]
 

@@ -345,9 +345,7 @@ def upcycle_and_measure(dense_dir: str, output: Path, test: list[dict], args, no
         str(output),
         num_experts=args.num_experts,
         top_k=args.top_k,
-        init="noise",
-        noise_std=noise_std,
-        seed=args.seed,
+        init=ExpertInit("noise", noise_std=noise_std, seed=args.seed),
         overwrite=True,
         progress=False,
     )

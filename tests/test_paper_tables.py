@@ -66,7 +66,7 @@ def test_every_arm_trains_and_is_reported(tmp_path):
     header = "| method | generalization (mean ± std) | test | test_shifted | test_heldout_tasks | vs MoE-GRPO, "
     assert report.count(header + "generalization (± SE) | vs MoE-GRPO, test (± SE) | paper |") == 4
     moe_grpo = results["runs"]["moe_grpo/0"]
-    cells = [f"{moe_grpo['generalization']:.3f} ± nan"] + [
+    cells = [f"{moe_grpo['generalization']:.3f} ± n/a"] + [
         f"{moe_grpo['split_accuracy'][s]['all']:.3f}" for s in splits
     ]
     assert f"| MoE-GRPO | {' | '.join(cells)} | — | — |" in report

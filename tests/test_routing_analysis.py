@@ -1,4 +1,4 @@
-"""Routing analysis: the measures by hand, their bounds, padding, and `trl-moe-grpo analyze-routing` end to end."""
+"""Routing analysis: the measures by hand, their bounds, padding, and `trl-moe-grpo measure-routing` end to end."""
 
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def test_plotting_stays_optional():
 import sys
 sys.modules["matplotlib"] = None  # as if not installed: importing it raises ImportError
 import trl_moe_grpo, trl_moe_grpo.analysis.routing, trl_moe_grpo.trainer.callbacks
-import trl_moe_grpo.commands.analyze_routing
+import trl_moe_grpo.commands.measure_routing
 from trl_moe_grpo.analysis.plots import has_matplotlib, pyplot
 from trl_moe_grpo import MoEGRPOError
 try:
@@ -282,7 +282,7 @@ def saved(tmp_path_factory):
 
 def test_command_compares_two_models_and_writes_json_and_figures(saved, capsys):
     output = saved / "report"
-    argv = ["analyze-routing", str(saved / "before"), str(saved / "after"), "--dataset", str(saved / "data")]
+    argv = ["measure-routing", str(saved / "before"), str(saved / "after"), "--dataset", str(saved / "data")]
     argv += ["--num-samples", "8", "--batch-size", "4", "--output-dir", str(output)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -311,18 +311,18 @@ def error_line(err: str) -> str:
     """The command's one error line (weight-loading progress bars may come before it on stderr)."""
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and err.endswith(lines[0] + "\n")
-    assert lines[0].startswith("trl-moe-grpo analyze-routing: error: ")
+    assert lines[0].startswith("trl-moe-grpo measure-routing: error: ")
     return lines[0]
 
 
 def test_errors_are_one_line_and_exit_code_2(saved, tmp_path, capsys):
     dataset = ["--dataset", str(saved / "data"), "--num-samples", "2"]
-    assert main(["analyze-routing", str(saved / "dense"), *dataset]) == 2
+    assert main(["measure-routing", str(saved / "dense"), *dataset]) == 2
     assert "no Mixture-of-Experts router" in error_line(capsys.readouterr().err)
 
-    assert main(["analyze-routing", str(saved / "before"), "--dataset", str(tmp_path / "missing.json")]) == 2
+    assert main(["measure-routing", str(saved / "before"), "--dataset", str(tmp_path / "missing.json")]) == 2
     assert "Cannot load split 'train' of dataset" in error_line(capsys.readouterr().err)
 
     (tmp_path / "empty").mkdir()
-    assert main(["analyze-routing", str(tmp_path / "empty"), *dataset]) == 2
+    assert main(["measure-routing", str(tmp_path / "empty"), *dataset]) == 2
     assert "Cannot load model" in error_line(capsys.readouterr().err)

@@ -274,6 +274,41 @@ def test_sft_rows_from_answers():
         sft_rows_from_answers(Dataset.from_list([{"prompt": "1+2=", "answer": "3", "completion": "3"}]))
 
 
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (None, r"is None.*'None'"),
+        (["A", "B"], r"is a list.*\"\['A', 'B'\]\""),
+        ({"a": 1}, "is a dict"),
+        (True, "bool"),
+    ],
+)
+def test_sft_rows_from_answers_refuses_answers_that_are_not_one_string(answer, message):
+    """`str` would make `None` the target "None" and a list its repr: refused, in lists and in `datasets` alike."""
+    with pytest.raises(MoEGRPOError, match=message):
+        sft_rows_from_answers([{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": answer}])
+    with pytest.raises(MoEGRPOError, match="sft_rows_from_answers"):
+        sft_rows_from_answers(Dataset.from_list([{"prompt": "1+2=", "answer": answer}]))
+    assert sft_rows_from_answers([{"prompt": "1+2=", "answer": 3.5}])[0]["completion"] == "3.5"
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_grpo_rows_without_completions_are_refused_with_the_fix(tmp_path, tokenizer, as_list):
+    """Prompt + answer rows would fail inside TRL's tokenization with a bare `KeyError: 'completion'`."""
+    rows = sum_rows(4) if as_list else Dataset.from_list(sum_rows(4))
+    with pytest.raises(MoEGRPOError, match=r"`train_dataset` rows .* no `completion`.*sft_rows_from_answers"):
+        text_trainer(tmp_path, tokenizer, rows)
+    with pytest.raises(MoEGRPOError, match=r"eval_dataset\['held_out'\].*sft_rows_from_answers"):
+        MoESFTTrainer(
+            tiny_moe_model("qwen3_moe", seed=1),
+            MoESFTConfig(**sft_values(tmp_path)),
+            None,
+            sft_rows_from_answers(rows),
+            {"held_out": rows},
+            processing_class=tokenizer,
+        )
+
+
 def test_dense_model_and_unknown_router_are_rejected(tmp_path, tokenizer, text_rows):
     with pytest.raises(MoEGRPOError, match="no Mixture-of-Experts router"):
         text_trainer(tmp_path, tokenizer, text_rows, model=tiny_dense_model("qwen3"), router_aux_loss_coef=0.01)

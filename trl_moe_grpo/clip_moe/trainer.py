@@ -37,6 +37,7 @@ from ..errors import MoEGRPOError
 from ..losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
 from ..routing import RoutingController
 from ..trainer.optim import set_router_learning_rate
+from ..trainer.options import training_routing_kwargs
 from .classify import class_embeddings, class_names_of, image_logits, pixel_values
 from .config import CLIPClassificationConfig, CLIPDetFTConfig, CLIPMoEGRPOConfig
 from .evaluation import zero_shot_accuracy
@@ -275,7 +276,7 @@ class CLIPDetFTTrainer(_CLIPClassificationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         routing = self.args.train_routing if mode == "train" else "topk"
-        with self.routing.training_routing(routing) as routes:
+        with self.routing.training_routing(**training_routing_kwargs(self.args, routing)) as routes:
             logits = image_logits(model, inputs["pixel_values"], self.class_text)
             captures = routes.captures()
         ce = F.cross_entropy(logits, inputs["labels"].to(logits.device))

@@ -145,6 +145,13 @@ class RoutingController:
                 "Routing traces need one shape for every layer."
             )
         ((self.num_experts, self.top_k),) = shapes
+        if not 1 <= self.top_k <= self.num_experts:
+            # transformers' routers would fail at the first forward with torch.topk's "selected index k out of range".
+            raise MoEGRPOError(
+                f"The routers of `{type(model).__name__}` pick top_k={self.top_k} of num_experts={self.num_experts} "
+                "experts: top_k must be between 1 and num_experts. Set the model config's `num_experts_per_tok` "
+                "(top-K) to at most the number of experts."
+            )
         self.num_layers = len(self.adapters)
         self.vision_token_ids = torch.tensor(sorted(set(vision_token_ids)), dtype=torch.long)
 

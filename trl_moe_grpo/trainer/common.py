@@ -14,6 +14,7 @@ from transformers.utils import logging
 from ..errors import MoEGRPOError
 from ..routing import RoutingController, find_routers
 from .optim import set_router_learning_rate
+from .options import refuse_reentrant_checkpointing
 
 logger = logging.get_logger(__name__)
 
@@ -140,14 +141,12 @@ class MoETrainerMixin:
     def _refuse_reentrant_checkpointing(self) -> None:
         """The configs refuse reentrant checkpointing, but TRL turns it on after their check for PEFT models under
         DeepSpeed ZeRO-3 (trl#2514): refuse it again once TRL's `__init__` ran."""
-        args = self.args
-        if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise MoEGRPOError(
-                "Gradient checkpointing is reentrant (`use_reentrant=True`): TRL forces it for PEFT models under "
-                "DeepSpeed ZeRO-3 (trl#2514). Reentrant checkpointing runs the forward without autograd, so the "
-                "routers' probabilities would get no gradient. Set `gradient_checkpointing=False`, use ZeRO-2, or "
-                "train without PEFT."
-            )
+        refuse_reentrant_checkpointing(
+            self.args,
+            cause="Gradient checkpointing is reentrant (`use_reentrant=True`): TRL forces it for PEFT models under "
+            "DeepSpeed ZeRO-3 (trl#2514). ",
+            fix="Set `gradient_checkpointing=False`, use ZeRO-2, or train without PEFT.",
+        )
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

@@ -10,6 +10,7 @@ from trl import GRPOConfig
 from ..errors import MoEGRPOError
 from ..losses import GATE_LOSS_TYPES
 from ..vllm_routing.options import check_vllm_generation_options
+from .options import check_router_options
 
 
 @dataclass
@@ -184,10 +185,9 @@ class MoEGRPOConfig(GRPOConfig):
         for name in ("token_loss_coef", "gate_loss_coef"):
             if getattr(self, name) < 0:
                 raise MoEGRPOError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        check_router_options(self)
         if self.token_loss_coef == 0 and self.gate_loss_coef == 0:
             raise MoEGRPOError("`token_loss_coef` and `gate_loss_coef` are both 0: nothing would be trained.")
-        if self.router_learning_rate is not None and self.router_learning_rate < 0:
-            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
         if self.gate_loss_coef > 0 and self.loss_type not in GATE_LOSS_TYPES:
             raise MoEGRPOError(
                 f"Gate-GRPO supports loss_type in {GATE_LOSS_TYPES}, got {self.loss_type!r}. Choose one of those, or "
@@ -205,15 +205,5 @@ class MoEGRPOConfig(GRPOConfig):
                 "Continuous-batching (paged) generation packs sequences in a way routing traces cannot follow yet. "
                 "Set `use_transformers_continuous_batching=False`."
             )
-        if self.use_liger_kernel:
-            raise MoEGRPOError(
-                "`use_liger_kernel=True` swaps the model's layers for Liger kernels, which bypass the router hooks "
-                "MoE-GRPO relies on. Set `use_liger_kernel=False`."
-            )
         if self.greedy_decoding is None:
             self.greedy_decoding = self.rollout_routing != "topk"
-        if self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise MoEGRPOError(
-                "Reentrant gradient checkpointing runs the forward without autograd, so the gate probabilities "
-                "would get no gradient. Use `gradient_checkpointing_kwargs={'use_reentrant': False}` (TRL's default)."
-            )

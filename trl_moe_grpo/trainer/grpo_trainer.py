@@ -1,22 +1,34 @@
 """`MoEGRPOTrainer`: TRL's `GRPOTrainer` with sampled routing, routing replay, Token-GRPO and Gate-GRPO.
 
-How it hooks into TRL (each override is the narrowest method that does the job and calls `super()`):
+A rollout's routing trace, from generation to the loss (`docs/design.md` §4). TRL's method signatures leave it no
+argument to travel in, so it goes through one named hand-off, `self._replay` (a `ReplayState`, `replay_state.py`),
+and through TRL's batch dict. Each override is the narrowest TRL method that does the job, and calls `super()`:
 
-- `_generate_single_turn`: rollouts run with the routing controller in `rollout_routing` mode, which records every
-  token's expert ids; they become a trace laid out like TRL's token ids. With `use_vllm=True` the routes are sampled
-  and recorded inside vLLM instead (`vllm_routing/generation.py`, `docs/vllm.md`), into the same trace.
-- `_generate_and_score_completions`: the trace joins the batch dict as `routed_experts`, so TRL's buffering,
-  shuffling and micro-batch splitting keep it aligned with its rows for free.
-- `_get_per_token_logps_and_entropies`: every forward TRL makes (old log-probs, reference, policy) replays the trace.
-  Token-GRPO is therefore TRL's own token loss, computed under replay. Each forward's captures are read right after
-  it ran and kept only for the forward they came from (old gate log-probs from the old-log-prob pass, the policy's
-  captures from the training forward); the reference forward (`ref_model`, or a PEFT model with its adapters disabled
-  or its "ref" adapter active) keeps nothing, whatever order TRL runs them in.
-- `_compute_loss`: adds Gate-GRPO and the load-balancing loss on the routed sets, from what the training forward
-  captured.
-- `create_optimizer`: an optional learning rate of the routers' own (`router_learning_rate`).
-- `training_step` / `prediction_step`: bound the replay state to the whole step, backward (checkpoint recompute)
-  included.
+1. `_generate_and_score_completions` opens a generation batch: `_replay.begin_generation()`.
+2. `_generate_single_turn` runs TRL's generation inside `_rollout(self._active_routing())`: the routing controller's
+   `rollout(...)` on the transformers path, `MoEVLLMGeneration.rollout(...)` with `use_vllm=True` (routes sampled and
+   recorded inside vLLM, `docs/vllm.md`); both yield what they recorded. `_active_routing()` (an `ActiveRouting`) is
+   the one rule for which routing is active now: `rollout_routing` in training, the stock top-K (and greedy decoding
+   under `greedy_eval`) in evaluation. The recorded routes become a trace laid out like TRL's token ids:
+   `_replay.set_trace(...)`.
+3. Every forward TRL then runs (`_get_per_token_logps_and_entropies`) replays `_replay.trace_to_replay()`. The
+   policy's forward here is TRL's old-log-prob pass (run only when generations are reused): its captures score the
+   old gate log-probs, `_replay.keep_old_gate_logps(...)`. The reference forward (`ref_model`, or a PEFT model with
+   its adapters disabled or its "ref" adapter active) keeps nothing, whatever order TRL runs the forwards in.
+4. Back in `_generate_and_score_completions`, `_replay.end_generation()` hands the trace to the batch dict as
+   `routed_experts`, and `_replay.take_old_gate_logps()` the old gate log-probs as `old_gate_logps`: TRL's buffering,
+   shuffling and micro-batch splitting keep them aligned with their rows.
+5. `_compute_loss`, per micro-batch: `_replay.begin_loss(inputs["routed_experts"])`, then TRL's token loss, whose
+   policy forward replays that trace (Token-GRPO is TRL's own loss under replay) and leaves its captures
+   (`_replay.keep_policy_captures(...)`); `_replay.take_policy_captures()` gives them to Gate-GRPO and the
+   load-balancing loss on the routed sets.
+6. `training_step` / `prediction_step` bound all of it to the step, backward (checkpoint recompute) included:
+   `_routing_step()` ends the controllers' replay state and calls `_replay.end_step()`, which forgets the rest.
+
+Also overridden: `create_optimizer` (an optional learning rate of the routers' own, `router_learning_rate`),
+`evaluation_loop` (the routing measures of the whole evaluation set), `_calculate_rewards` (the within-group reward
+spread and per-task rewards as metrics), `train` and `_save` (modality guidance, the routing options saved with
+checkpoints).
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from ..analysis.routing import RoutingAnalysis
 from ..errors import MoEGRPOError
 from ..guidance import ModalityStatistics, calibrate
 from ..losses import balance_loss_given_load, clipped_objective, expert_load, reduce_like_trl, set_log_prob
-from ..routing import RoutingController, pad_routes, split_rollout_routes
+from ..routing import RolloutRecording, RoutingController, pad_routes, split_rollout_routes
 from ..routing.controller import LayerCapture
 from ..routing.introspection import model_identity, vision_token_ids
 from ..vllm_routing.options import refuse_vision_language_model
@@ -49,6 +61,7 @@ from ..zero3 import gathered_parameters
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
 from .eval_routing import EvalRoutingCollector
 from .grpo_config import MoEGRPOConfig
+from .replay_state import ActiveRouting, ReplayState
 
 logger = logging.get_logger(__name__)
 
@@ -162,16 +175,13 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
                 "routers, or set `gate_loss_coef=0`."
             )
 
-        if not args.use_vllm:  # vLLM decodes greedily through `MoEVLLMGeneration.greedy` instead
+        if not args.use_vllm:  # vLLM decodes greedily through `MoEVLLMGeneration.rollout(greedy=True)` instead
             self._greedy_decoding = self._greedy(self.generation_config, self.generation_kwargs)
             if args.greedy_decoding:
                 self.generation_config, self.generation_kwargs = self._greedy_decoding
 
-        self._batch_routes: torch.Tensor | None = None  # the trace the next forward replays
-        self._scoring_rollouts = False  # inside `_generate_and_score_completions`
-        # What a forward produced, stored right after that forward by role (never by call order): "old_gate_logps"
-        # from the old-log-prob pass, "policy_captures" from the training forward. Each is taken once by its reader.
-        self._forward_results: dict[str, Any] = {}
+        # The rollout trace's hand-off between TRL's methods, and what the replayed forwards hand back (by role).
+        self._replay = ReplayState()
         self._eval_routing: EvalRoutingCollector | None = None  # open while `evaluation_loop` runs
         # The routing measures of the last `evaluate()` (expert counts per sequence, by task), for reports.
         self.last_eval_routing: RoutingAnalysis | None = None
@@ -258,10 +268,16 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             config.update(**greedy)
         return config, None if generation_kwargs is None else {**generation_kwargs, **greedy}
 
+    def _active_routing(self) -> ActiveRouting:
+        """Which routing is active now: the rollouts' routing and decoding, and replay's dispatch (training or
+        evaluation, by the model's mode)."""
+        return ActiveRouting.now(self.args, self.model.training)
+
     @contextlib.contextmanager
-    def _decoding(self) -> Iterator[None]:
-        """Evaluation decodes as at inference (greedy) when `greedy_eval` is set, whatever the rollouts do."""
-        if self.model.training or not self.args.greedy_eval:
+    def _decoding(self, greedy: bool) -> Iterator[None]:
+        """Greedy decoding while open when `greedy` (evaluation under `greedy_eval`); otherwise TRL's settings, which
+        `__init__` made greedy under `greedy_decoding`."""
+        if not greedy:
             yield
             return
         training = self.generation_config, self.generation_kwargs
@@ -272,47 +288,41 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             self.generation_config, self.generation_kwargs = training
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        routing = self.args.rollout_routing if self.model.training else "topk"  # evaluation routes like inference
-        if self.use_vllm:
-            return self._generate_single_turn_vllm(routing, prompt_ids, images, multimodal_fields, num_generations)
-        with self.routing.rollout(routing, self.args.routing_noise_std) as recording, self._decoding():
+        with self._rollout(self._active_routing()) as recording:
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
-        prompt_routes, completion_routes = split_rollout_routes(
-            recording, [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids]
+        lengths = [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids]
+        # vLLM cut its routes by request already; transformers' recording holds one entry per model call.
+        prompt_routes, completion_routes = (
+            recording.split(*lengths) if self.use_vllm else split_rollout_routes(recording, *lengths)
         )
-        self._batch_routes = pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(
-            self.accelerator.device
+        self._replay.set_trace(
+            pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(self.accelerator.device)
         )
         return completion_ids, logprobs
 
-    def _generate_single_turn_vllm(self, routing, prompt_ids, images, multimodal_fields, num_generations):
-        """vLLM rollouts: the routes are sampled and recorded inside the engine (`vllm_routing.generation`)."""
-        generation = self.vllm_generation
-        generation.rollout_routing, generation.routing_noise_std = routing, self.args.routing_noise_std
-        generation.greedy = self.args.greedy_decoding or (not self.model.training and self.args.greedy_eval)
-        completion_ids, logprobs = super()._generate_single_turn(
-            prompt_ids, images, multimodal_fields, num_generations
-        )
-        prompt_routes, completion_routes = (list(routes) for routes in zip(*generation.last_routes, strict=True))
-        self._batch_routes = pad_routes(prompt_routes, completion_routes, self.pad_to_multiple_of).to(
-            self.accelerator.device
-        )
-        return completion_ids, logprobs
+    def _rollout(self, active: ActiveRouting) -> contextlib.AbstractContextManager:
+        """Rollouts route and decode as `active` says while open, on the engine that generates them; the context
+        yields what that engine recorded of their routes."""
+        if self.use_vllm:  # sampled and recorded inside the engine (`vllm_routing/generation.py`, docs/vllm.md)
+            return self.vllm_generation.rollout(active.rollout, active.noise_std, greedy=active.greedy)
+        return self._transformers_rollout(active)
+
+    @contextlib.contextmanager
+    def _transformers_rollout(self, active: ActiveRouting) -> Iterator[RolloutRecording]:
+        with self.routing.rollout(active.rollout, active.noise_std) as recording, self._decoding(active.greedy):
+            yield recording
 
     def _generate_and_score_completions(self, inputs):
-        self._batch_routes = None
-        self._forward_results.pop("old_gate_logps", None)
-        self._scoring_rollouts = True
+        self._replay.begin_generation()
         if self._eval_routing is not None:
             self._eval_routing.add_rows(inputs)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._scoring_rollouts = False
-        routes, self._batch_routes = self._batch_routes, None
-        old_gate_logps = self._forward_results.pop("old_gate_logps", None)
+            routes = self._replay.end_generation()
+        old_gate_logps = self._replay.take_old_gate_logps()
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         if routes is None or routes.shape[:2] != input_ids.shape:
             raise MoEGRPOError(
@@ -370,20 +380,19 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
         controller = self.ref_routing if self.ref_model is not None and model is self.ref_model else self.routing
-        if self._batch_routes is None:
-            raise MoEGRPOError("A training forward ran without a routing trace to replay.")
+        routes = self._replay.trace_to_replay()
         reference = self._is_reference_forward(model)
-        controller.start_replay(self._batch_routes, dispatch=self.args.routing_replay)
+        controller.start_replay(routes, dispatch=self._active_routing().dispatch_recorded)
         result = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
         controller.finish_replay()
         if not reference:
             # Read now, before another forward (the reference pass shares the policy's controller under PEFT) replays.
             captures = controller.captures()
-            if self._scoring_rollouts:  # TRL's old-log-prob pass, run only when generations are reused
+            if self._replay.scoring_rollouts:  # TRL's old-log-prob pass, run only when generations are reused
                 with torch.no_grad():
-                    self._forward_results["old_gate_logps"] = self._gate_log_probs(captures, input_ids).detach()
+                    self._replay.keep_old_gate_logps(self._gate_log_probs(captures, input_ids).detach())
             else:
-                self._forward_results["policy_captures"] = captures
+                self._replay.keep_policy_captures(captures)
         return result
 
     def _is_reference_forward(self, model) -> bool:
@@ -406,8 +415,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             try:
                 yield
             finally:
-                self._batch_routes = None
-                self._forward_results.clear()
+                self._replay.end_step()
 
     def training_step(self, model, inputs, num_items_in_batch):
         with self._routing_step():
@@ -441,12 +449,9 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------ Token-GRPO (TRL's, replayed) + Gate-GRPO
 
     def _compute_loss(self, model, inputs):
-        self._batch_routes = inputs["routed_experts"]
-        self._forward_results.pop("policy_captures", None)
+        self._replay.begin_loss(inputs["routed_experts"])
         token_loss = super()._compute_loss(model, inputs)
-        captures = self._forward_results.pop("policy_captures", None)
-        if captures is None:
-            raise MoEGRPOError("TRL's loss ran no policy forward through `_get_per_token_logps_and_entropies`.")
+        captures = self._replay.take_policy_captures()
         return self.args.token_loss_coef * token_loss + self._routing_loss(inputs, captures)
 
     @staticmethod
@@ -471,8 +476,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         """`[layers, rows, experts]` log selection probabilities, masked as the rollouts' sampler masked them."""
         log_probs = torch.stack([a.selection_log_probs(c.logits) for a, c in zip(self.routing.adapters, captures)])
         masks = self.routing.expert_masks
-        # Evaluation rollouts route with the stock top-K (`_generate_single_turn`): no mask shaped their sets.
-        if modality is None or masks is None or self.args.rollout_routing == "topk" or not self.model.training:
+        # Only drawn routes were drawn under the masks; top-K rollouts (evaluation's among them) took the stock choice.
+        if modality is None or masks is None or not self._active_routing().draws_routes:
             return log_probs
         allowed = masks.to(log_probs.device)[:, modality.long()]  # [layers, rows, experts]
         valid = torch.stack([c.valid for c in captures])[..., None]

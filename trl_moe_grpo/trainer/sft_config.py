@@ -7,8 +7,7 @@ from typing import Literal
 
 from trl import SFTConfig
 
-from ..errors import MoEGRPOError
-from ..routing.controller import TRAINING_ROUTINGS
+from .options import check_router_options, check_training_routing_options
 
 ROUTING_FILE = "moe_sft_routing.json"
 # Saved with every checkpoint and final model.
@@ -89,38 +88,5 @@ class MoESFTConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.train_routing not in TRAINING_ROUTINGS:
-            raise MoEGRPOError(f"`train_routing={self.train_routing!r}` is not one of {TRAINING_ROUTINGS}.")
-        if self.routing_noise_std <= 0:
-            raise MoEGRPOError(
-                f"`routing_noise_std` must be positive, got {self.routing_noise_std}. For noise-free routing use "
-                "`train_routing='topk'`."
-            )
-        if self.expert_capacity_factor <= 0:
-            raise MoEGRPOError(
-                f"`expert_capacity_factor` must be positive, got {self.expert_capacity_factor}; 1.0 fills as many "
-                "expert slots as top-K routing."
-            )
-        if self.sinkhorn_iterations < 1:
-            raise MoEGRPOError(
-                f"`sinkhorn_iterations` must be at least 1, got {self.sinkhorn_iterations}; with none, Sinkhorn "
-                "routing is top-K routing (use `train_routing='topk'`)."
-            )
-        if self.router_learning_rate is not None and self.router_learning_rate < 0:
-            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise MoEGRPOError(
-                f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}; 0 turns the load-balancing "
-                "loss off."
-            )
-        if self.use_liger_kernel:
-            raise MoEGRPOError(
-                "`use_liger_kernel=True` swaps the model's layers for Liger kernels, which bypass the router hooks "
-                "the routing baselines rely on. Set `use_liger_kernel=False`."
-            )
-        if self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise MoEGRPOError(
-                "Reentrant gradient checkpointing runs the forward without autograd, so the routers would get no "
-                "gradient from the load-balancing loss. Use `gradient_checkpointing_kwargs={'use_reentrant': False}` "
-                "(TRL's default)."
-            )
+        check_training_routing_options(self)
+        check_router_options(self)

@@ -46,9 +46,35 @@ from ..losses import routed_load_balancing_loss
 from ..routing import RoutingController, find_routers
 from ..routing.controller import TrainingCapture, TrainingRoutes
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args, user_router_logits_flag
+from .options import training_routing_kwargs
 from .sft_config import ROUTING_FILE, ROUTING_OPTIONS, MoESFTConfig
 
 logger = logging.get_logger(__name__)
+
+
+def _column_names(dataset) -> list[str] | None:
+    """The columns of a `datasets` dataset or a list of row dicts; None where they cannot be read without iterating."""
+    if isinstance(dataset, list):
+        return list(dataset[0]) if dataset and isinstance(dataset[0], dict) else None
+    columns = getattr(dataset, "column_names", None)
+    return list(columns) if isinstance(columns, list) else None
+
+
+def _refuse_rows_without_completion(dataset, name: str) -> None:
+    """Refuse MoE-GRPO rows (`prompt` + `answer`, no `completion`), which TRL would fail on with a bare KeyError."""
+    if isinstance(dataset, dict):  # several named evaluation datasets
+        for key, split in dataset.items():
+            _refuse_rows_without_completion(split, f"{name}[{key!r}]")
+        return
+    columns = _column_names(dataset)
+    # Tokenized rows (`input_ids`) are used as they are; `prompt` without `completion` is what SFT cannot train.
+    if columns is None or "input_ids" in columns or "prompt" not in columns or "completion" in columns:
+        return
+    raise MoEGRPOError(
+        f"The `{name}` rows have a `prompt` but no `completion` column (columns: {sorted(columns)}): these look like "
+        "MoE-GRPO rows (prompt + answer). SFT trains on prompt-completion rows: pass "
+        f"`trl_moe_grpo.data_utils.sft_rows_from_answers({name})`, which adds each row's answer as its completion."
+    )
 
 
 class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
@@ -72,6 +98,9 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
             find_routers(model.get_base_model() if hasattr(model, "get_base_model") else model)
         # TRL's SFTTrainer rewrites `output_router_logits` to match its aux loss: saved models keep the user's value.
         users_flag = user_router_logits_flag(model, args)
+        # SFTTrainer's positional order after `args`: data_collator, train_dataset, eval_dataset.
+        for position, name in ((1, "train_dataset"), (2, "eval_dataset")):
+            _refuse_rows_without_completion(kwargs.get(name, pargs[position] if len(pargs) > position else None), name)
         if kwargs.get("peft_config") is not None:
             kwargs["peft_config"] = peft_config_training_routers(kwargs["peft_config"], model, args)
         super().__init__(model, args, *pargs, **kwargs)
@@ -97,12 +126,7 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
     # ------------------------------------------------------------------ routing of each step
 
     def _routing_kwargs(self, mode: str) -> dict[str, Any]:
-        return dict(
-            mode=mode,
-            noise_std=self.args.routing_noise_std,
-            capacity_factor=self.args.expert_capacity_factor,
-            sinkhorn_iterations=self.args.sinkhorn_iterations,
-        )
+        return training_routing_kwargs(self.args, mode)
 
     @contextlib.contextmanager
     def routing_step(self) -> Iterator[TrainingRoutes]:
