@@ -304,6 +304,31 @@ def test_expert_choice_through_the_controller(factor):
         assert crowded > 0, "with capacity factor 2 some token should be taken by more than top_k experts"
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_expert_choice_mixture_is_what_the_experts_compute(family):
+    """The kernels read the widened layout: each token's MoE output is the sum, over the experts that chose it, of its
+    gate probability times that expert's own output (computed here one expert and one token at a time)."""
+    model, controller = build(family)
+    input_ids, attention_mask = batch(rows=2, length=6)
+    experts = next(m for name, m in model.named_modules() if name.endswith("mlp.experts"))
+    seen = []
+    experts.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+    with controller.training_routing("expert_choice", capacity_factor=2.0) as routes, torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    capture = routes.captures()[0]
+    assert capture.dispatched.shape[1] > TOP_K
+    (hidden, mixed), probs = seen[0], controller.adapters[0].selection_log_probs(capture.logits).exp()
+    with torch.no_grad():
+        for row in range(hidden.shape[0]):
+            expected = torch.zeros_like(mixed[row])
+            for slot in capture.active[row].nonzero().flatten().tolist():
+                expert = capture.dispatched[row, slot]
+                one = torch.tensor([[int(expert)]])
+                alone = experts(hidden[row : row + 1], one, torch.ones(1, 1, dtype=hidden.dtype))[0]
+                expected += probs[row, expert] * alone
+            torch.testing.assert_close(mixed[row], expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_gives_the_routers_gradients(mode):
     model, controller = build(seed=1)
