@@ -17,6 +17,7 @@ COMMAND_PATHS: list[tuple[str, str]] = [
     ("trl_moe_grpo.commands.calibrate", "CalibrateCommand"),
     ("trl_moe_grpo.commands.analyze", "AnalyzeCommand"),
     ("trl_moe_grpo.commands.analyze_routing", "AnalyzeRoutingCommand"),
+    ("trl_moe_grpo.commands.probe_routing", "ProbeRoutingCommand"),
     ("trl_moe_grpo.commands.upcycle", "UpcycleCommand"),
     ("trl_moe_grpo.commands.evaluate_clip", "EvaluateClipCommand"),
 ]
