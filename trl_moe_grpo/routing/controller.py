@@ -90,6 +90,17 @@ class TrainingCapture(LayerCapture):
     logit_noise: torch.Tensor | None = None
 
 
+def stacked_slots(captures: list[TrainingCapture]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(dispatched, active)`, each `[layers, rows, slots]`: the layers' slot layouts padded to the widest.
+
+    Expert Choice gives each layer its own width (the most experts any token got); padding slots are inactive.
+    """
+    width = max(c.dispatched.shape[-1] for c in captures)
+    dispatched = [torch.nn.functional.pad(c.dispatched, (0, width - c.dispatched.shape[-1])) for c in captures]
+    active = [torch.nn.functional.pad(c.active, (0, width - c.active.shape[-1]), value=False) for c in captures]
+    return torch.stack(dispatched), torch.stack(active)
+
+
 class TrainingRoutes:
     """The routes one `training_routing` context drew for its batch, and what each layer captured.
 

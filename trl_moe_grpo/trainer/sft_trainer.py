@@ -46,7 +46,7 @@ from ..analysis.measures import differs_from_top_k, gate_entropy
 from ..errors import MoEGRPOError
 from ..losses import routed_load_balancing_loss
 from ..routing import RoutingController, find_routers
-from ..routing.controller import TrainingCapture, TrainingRoutes
+from ..routing.controller import TrainingCapture, TrainingRoutes, stacked_slots
 from .common import MoETrainerMixin, peft_config_training_routers, resolve_args, user_router_logits_flag
 from .sft_config import ROUTING_FILE, ROUTING_OPTIONS, MoESFTConfig
 
@@ -202,14 +202,3 @@ class MoESFTTrainer(MoETrainerMixin, SFTTrainer):
             f"`expert_capacity_factor={self.args.expert_capacity_factor}` gives each expert that share of the "
             "batch's tokens times top_k / num_experts; raise it (1.0 fills as many expert slots as top-K routing)."
         )
-
-
-def stacked_slots(captures: list[TrainingCapture]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(dispatched, active)`, each `[layers, rows, slots]`: the layers' slot layouts padded to the widest.
-
-    Expert Choice gives each layer its own width (the most experts any token got); padding slots are inactive.
-    """
-    width = max(c.dispatched.shape[-1] for c in captures)
-    dispatched = [torch.nn.functional.pad(c.dispatched, (0, width - c.dispatched.shape[-1])) for c in captures]
-    active = [torch.nn.functional.pad(c.active, (0, width - c.active.shape[-1]), value=False) for c in captures]
-    return torch.stack(dispatched), torch.stack(active)
