@@ -111,7 +111,7 @@ def test_topk_routing_equals_trl_sft(tmp_path, tokenizer, text_rows):
     assert all(name in moe_grads for name, p in moe.model.named_parameters() if p in set(router_weights(moe)))
 
 
-@pytest.mark.parametrize("mode", ["sample", "expert_choice"])
+@pytest.mark.parametrize("mode", ["sample", "expert_choice", "noise"])
 def test_training_step_is_exact_under_gradient_checkpointing(tmp_path, tokenizer, text_rows, mode):
     """Same seed, same batch: checkpoint recompute inside `training_step` gives the gradients of a plain backward."""
     trainer = text_trainer(tmp_path, tokenizer, text_rows, train_routing=mode, router_aux_loss_coef=0.1)
