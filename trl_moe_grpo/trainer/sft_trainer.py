@@ -52,8 +52,8 @@ from .sft_config import ROUTING_FILE, ROUTING_OPTIONS, MoESFTConfig
 
 logger = logging.get_logger(__name__)
 
-# Share of a batch's tokens that no expert took under Expert Choice above which the trainer warns (once). At
-# `expert_capacity_factor=1` measured drops are far lower; at 0.01 a tiny model drops 64%.
+# Share of a batch's tokens that no expert took under Expert Choice above which the trainer warns (once). Measured on
+# the bundled model, 32 visual_mc prompts in one batch: 3.2% at `expert_capacity_factor=1`, 97.9% at 0.01.
 DROPPED_TOKENS_WARNING = 0.25
 
 
