@@ -28,7 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = {"one-letter": None, "reasoning": ("tally",)}  # None: the quickstart's six tasks
 
 
-@torch.no_grad()
 def route_sensitivity(
     model,
     processor,
@@ -39,55 +38,40 @@ def route_sensitivity(
     seed: int = 0,
     batch_prompts: int = 16,
 ) -> dict[str, float]:
-    """The share of `rows` whose `num_rollouts` greedy rollouts, each routed by sampling (`RoutingController`'s
-    `sample` mode, as MoE-GRPO rolls out), get different rewards from `reward` (TRL's reward-function signature; every
-    column but `prompt` is passed). Also the mean reward of the rollouts, the share of prompts whose completions are
-    not all the same text, and, with a `task` column, the route sensitivity of each task.
-    """
-    from trl_moe_grpo.data_utils import calibration_batches
+    """`trl_moe_grpo.analysis.route_sensitivity.measure_route_sensitivity` (what `trl-moe-grpo probe-routing` runs)
+    with MoE-GRPO's rollouts: `num_rollouts` greedy rollouts per row, routed by sampling. Returns the share of rows
+    whose rollouts disagree in reward (`route_sensitivity`), the mean reward of the rollouts, the share of rows whose
+    completions are not all the same text and, with a `task` column, the route sensitivity of each task."""
+    from trl_moe_grpo.analysis.route_sensitivity import measure_route_sensitivity
     from trl_moe_grpo.routing import RoutingController
+    from trl_moe_grpo.routing.introspection import vision_token_ids
 
-    tokenizer = getattr(processor, "tokenizer", processor)
-    vision = getattr(tokenizer, "context_image_token_id", None)
-    controller = RoutingController(model, vision_token_ids=[vision] if vision is not None else ())
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    was_training = model.training
-    model.eval()
+    controller = RoutingController(model, vision_token_ids=vision_token_ids(model))
     torch.manual_seed(seed)
-    disagree: dict[str, list[bool]] = {}
-    texts_differ, total = 0, 0.0
     try:
-        repeated = [row for row in rows for _ in range(num_rollouts)]
-        batch_size = batch_prompts * num_rollouts
-        for start, inputs in zip(
-            range(0, len(repeated), batch_size), calibration_batches(processor, repeated, batch_size)
-        ):
-            with controller.rollout("sample"):
-                generated = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            chunk = repeated[start : start + batch_size]
-            conversational = isinstance(chunk[0]["prompt"], list)
-            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-            rewards = reward(completions, **{k: [row[k] for row in chunk] for k in chunk[0] if k != "prompt"})
-            for i in range(0, len(chunk), num_rollouts):
-                group = rewards[i : i + num_rollouts]
-                disagree.setdefault(chunk[i].get("task", "all"), []).append(len(set(group)) > 1)
-                texts_differ += len(set(texts[i : i + num_rollouts])) > 1
-                total += sum(group)
+        measured = measure_route_sensitivity(
+            model,
+            controller,
+            processor,
+            rows,
+            [reward],
+            num_generations=num_rollouts,
+            max_completion_length=max_new_tokens,
+            prompts_per_batch=batch_prompts,
+        )
     finally:
         controller.remove()
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    flags = [flag for values in disagree.values() for flag in values]
     result = {
-        "route_sensitivity": sum(flags) / len(rows),
-        "rollout_reward": total / (len(rows) * num_rollouts),
-        "completions_not_all_equal": texts_differ / len(rows),
+        "route_sensitivity": measured.share_with_spread(),
+        "rollout_reward": measured.mean_reward(),
+        "completions_not_all_equal": measured.share_with_distinct_completions(),
     }
-    if len(disagree) > 1:
-        result |= {f"route_sensitivity/{task}": sum(values) / len(values) for task, values in disagree.items()}
+    spread = (measured.rewards.amax(-1) != measured.rewards.amin(-1)).tolist()
+    tasks = [row.get("task", "all") for row in rows]
+    if len(set(tasks)) > 1:
+        for task in dict.fromkeys(tasks):
+            flags = [flag for flag, t in zip(spread, tasks) if t == task]
+            result[f"route_sensitivity/{task}"] = sum(flags) / len(flags)
     return result
 
 

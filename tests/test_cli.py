@@ -39,6 +39,10 @@ FAILURES = {
         lambda tmp: ["measure-routing", "m", "--dataset", "visual_mc", "--num-samples", "0"],
         "--num-samples and --batch-size must be at least 1",
     ),
+    "probe-routing": (
+        lambda tmp: ["probe-routing", "m", "--dataset", "d", "--reward", "no_such_reward"],
+        "Unknown reward function 'no_such_reward'",
+    ),
     "upcycle": (lambda tmp: ["upcycle", "--preset", "nope", "--dry-run"], "internvl3_5-1b"),
     "evaluate-clip": (
         lambda tmp: ["evaluate-clip", "m", "--dataset", "a", "--dataset", "b", "--class-names", "x,y"],

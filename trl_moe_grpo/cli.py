@@ -17,6 +17,7 @@ COMMAND_PATHS: list[tuple[str, str]] = [
     ("trl_moe_grpo.commands.calibrate", "CalibrateCommand"),
     ("trl_moe_grpo.commands.show_modality_stats", "ShowModalityStatsCommand"),
     ("trl_moe_grpo.commands.measure_routing", "MeasureRoutingCommand"),
+    ("trl_moe_grpo.commands.probe_routing", "ProbeRoutingCommand"),
     ("trl_moe_grpo.commands.upcycle", "UpcycleCommand"),
     ("trl_moe_grpo.commands.evaluate_clip", "EvaluateClipCommand"),
 ]

@@ -170,8 +170,12 @@ class CLIPDetFTConfig(CLIPClassificationConfig):
             Routing of the training forward, as `MoESFTConfig.train_routing`: `"topk"` is Det-FT (the stock top-K);
             `"sample"`, `"noise"`, `"expert_choice"` and `"sinkhorn"` are the other fine-tuning routings. Evaluation
             always uses top-K.
-        routing_noise_std (`float`, *optional*, defaults to `1.0`):
-            Standard deviation of the gate noise of `train_routing="noise"`.
+        routing_noise_std (`float` or `None`, *optional*, defaults to `None`):
+            Standard deviation of the router-logit noise of `train_routing="noise"`; `None`: `1 / num_experts`
+            (V-MoE).
+        noisy_mixing_weights (`bool`, *optional*, defaults to `True`):
+            Under `train_routing="noise"`, mix the chosen experts with the noisy logits' weights (V-MoE's noisy
+            softmax); `False` uses the noise-free weights.
         expert_capacity_factor (`float`, *optional*, defaults to `1.0`):
             Capacity factor of `train_routing="expert_choice"`: each expert takes
             `ceil(expert_capacity_factor * tokens * top_k / num_experts)` of a layer's tokens.
@@ -186,9 +190,13 @@ class CLIPDetFTConfig(CLIPClassificationConfig):
             "'sinkhorn'. Evaluation uses top-K."
         },
     )
-    routing_noise_std: float = field(
-        default=1.0,
-        metadata={"help": "Standard deviation of the gate noise of train_routing='noise'."},
+    routing_noise_std: float | None = field(
+        default=None,
+        metadata={"help": "Standard deviation of the router-logit noise of train_routing='noise' (None: 1/E, V-MoE)."},
+    )
+    noisy_mixing_weights: bool = field(
+        default=True,
+        metadata={"help": "Under train_routing='noise', mix with the noisy logits' weights (V-MoE's noisy softmax)."},
     )
     expert_capacity_factor: float = field(
         default=1.0,

@@ -53,6 +53,7 @@ from trl.chat_template_utils import parse_response
 from trl.data_utils import is_conversational
 from trl.trainer.utils import nanstd
 
+from ..analysis.measures import differs_from_top_k, expert_utilization, gate_entropy
 from ..analysis.routing import RoutingAnalysis
 from ..errors import MoEGRPOError
 from ..guidance import ModalityStatistics, calibrate
@@ -721,7 +722,8 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         prompt_width = inputs["prompt_ids"].size(1)
-        log_probs = self._selection_log_probs(captures, self.routing.token_modality(input_ids).reshape(-1))
+        modality = self.routing.token_modality(input_ids)
+        log_probs = self._selection_log_probs(captures, modality.reshape(-1))
         gate_mask = self._gate_mask(routes, inputs["prompt_mask"], inputs["completion_mask"])
         loss = torch.zeros((), device=input_ids.device)
 
@@ -778,7 +780,7 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
         self._log_routing_metrics(mode, captures, log_probs.detach(), dispatched, attention_mask, gate_mask)
         if self._eval_routing is not None:
             counted = self._balance_mask(routes, inputs["prompt_mask"], inputs["completion_mask"])
-            self._eval_routing.add_routing(routes, counted, log_probs.detach())
+            self._eval_routing.add_routing(routes, counted, log_probs.detach(), modality)
         return loss
 
     # ------------------------------------------------------------------ metrics
@@ -786,18 +788,16 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
     @torch.no_grad()
     def _log_routing_metrics(self, mode, captures, log_probs, dispatched, attention_mask, gate_mask) -> None:
         batch_shape = attention_mask.shape
-        entropy = -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1).mean(0).reshape(batch_shape)
+        entropy = gate_entropy(log_probs).mean(0).reshape(batch_shape)  # per token: mean over layers
         self._log_masked_mean(mode, "routing/entropy", entropy, attention_mask)
-        recorded = torch.stack([c.recorded for c in captures]).sort(-1).values
-        top_k = torch.stack([c.top_k for c in captures]).sort(-1).values
-        differs = (recorded != top_k).any(-1).float().mean(0).reshape(batch_shape)
+        recorded = torch.stack([c.recorded for c in captures])
+        top_k = torch.stack([c.top_k for c in captures])
+        differs = differs_from_top_k(recorded, top_k, self.routing.num_experts).float().mean(0).reshape(batch_shape)
         self._log_masked_mean(mode, "routing/sampled_differs_from_topk", differs, gate_mask)
         # Expert utilization per layer: perplexity of the expert load over N (1 = perfectly even, 1/N = one expert).
         weight = attention_mask.reshape(1, -1, 1).float()
         load = torch.zeros(*dispatched.shape[:2], self.routing.num_experts, device=dispatched.device)
         load = load.scatter_add_(-1, dispatched, torch.ones_like(dispatched, dtype=load.dtype))
         load = self.accelerator.reduce((load * weight).sum(1), reduction="sum")  # [layers, experts]
-        share = load / load.sum(-1, keepdim=True).clamp(min=1.0)
-        perplexity = torch.exp(-(share * share.clamp(min=1e-12).log()).sum(-1))
-        for layer, value in enumerate((perplexity / self.routing.num_experts).tolist()):
+        for layer, value in enumerate(expert_utilization(load).tolist()):
             self._metrics[mode][f"routing/expert_utilization/layer_{layer:02d}"].append(value)

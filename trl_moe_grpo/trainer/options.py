@@ -54,11 +54,12 @@ def check_router_options(args: Any) -> None:
 
 
 def check_training_routing_options(args: Any) -> None:
-    """The options of a training-forward routing (`train_routing` and its settings `routing_noise_std`,
-    `expert_capacity_factor`, `sinkhorn_iterations`), as `RoutingController.training_routing` takes them."""
+    """The options of a training-forward routing (`train_routing` and its settings `routing_noise_std` (`None`:
+    V-MoE's `1 / num_experts`), `expert_capacity_factor`, `sinkhorn_iterations`), as
+    `RoutingController.training_routing` takes them."""
     if args.train_routing not in TRAINING_ROUTINGS:
         raise MoEGRPOError(f"`train_routing={args.train_routing!r}` is not one of {TRAINING_ROUTINGS}.")
-    if args.routing_noise_std <= 0:
+    if args.routing_noise_std is not None and args.routing_noise_std <= 0:
         raise MoEGRPOError(
             f"`routing_noise_std` must be positive, got {args.routing_noise_std}. For noise-free routing use "
             "`train_routing='topk'`."
@@ -80,6 +81,7 @@ def training_routing_kwargs(args: Any, mode: str) -> dict[str, Any]:
     return dict(
         mode=mode,
         noise_std=args.routing_noise_std,
+        noisy_mixing_weights=args.noisy_mixing_weights,
         capacity_factor=args.expert_capacity_factor,
         sinkhorn_iterations=args.sinkhorn_iterations,
     )
