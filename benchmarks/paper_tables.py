@@ -80,6 +80,24 @@ ARMS = {
         Arm("sinkhorn_lb", "Sinkhorn (OT) + LB (fine-tuning)", "sft", {"train_routing": "sinkhorn"}),
         Arm("sinkhorn", "Sinkhorn (OT), no LB (fine-tuning)", "sft", {"train_routing": "sinkhorn", **NO_LB}),
         Arm("moe_grpo_no_lb", "MoE-GRPO, no LB", "grpo", NO_LB),
+        # The levers of docs/design.md §11, one at a time, at settings fixed before any run (docs/results-plan.md).
+        Arm("lever_sampled_tokens", "MoE-GRPO + sampled tokens", "grpo", {"greedy_decoding": False}),
+        Arm("lever_temperature", "MoE-GRPO + routing temperature 2", "grpo", {"rollout_routing_temperature": 2.0}),
+        Arm(
+            "lever_exclude",
+            "MoE-GRPO + zero-spread groups out of the normalizer",
+            "grpo",
+            {"zero_spread_groups": "exclude_from_normalizer"},
+        ),
+        Arm(
+            "lever_regenerate",
+            "MoE-GRPO + zero-spread groups regenerated (2x)",
+            "grpo",
+            {"regenerate_zero_spread_groups": 2},
+        ),
+        Arm("lever_g16", "MoE-GRPO + G = 16", "grpo", {"num_generations": 16}),
+        Arm("lever_entropy", "MoE-GRPO + router entropy bonus 0.01", "grpo", {"router_entropy_coef": 0.01}),
+        Arm("lever_warmup", "MoE-GRPO + router warm-up (10% of steps)", "grpo", {"router_warmup_steps": "10%"}),
     ]
 }
 
@@ -105,12 +123,27 @@ TABLES: dict[str, tuple[str, list[str], dict[str, float]]] = {
         ["ec_lb", "ec", "sinkhorn_lb", "sinkhorn", "moe_grpo_no_lb", "moe_grpo"],
         {"ec_lb": -1.0, "sinkhorn_lb": -1.3, "moe_grpo_no_lb": -0.9, "moe_grpo": 0.0},
     ),
+    "L": (
+        "Levers: what gives routing rewards a signal (not in the paper)",
+        [
+            "lever_sampled_tokens",
+            "lever_temperature",
+            "lever_exclude",
+            "lever_regenerate",
+            "lever_g16",
+            "lever_entropy",
+            "lever_warmup",
+            "moe_grpo",
+        ],
+        {},
+    ),
 }
 PAPER_NOTES = {
     "1": "paper: average accuracy (%) over its benchmarks",
     "4": "paper: average accuracy (%); token-only is 1.8 below both terms",
     "5": "paper: margin (points) against MoE-GRPO with modality guidance",
     "7": "paper: margin (points) against MoE-GRPO with LB; LB adds 0.9 to MoE-GRPO",
+    "L": "not in the paper: each lever is off by default",
 }
 FIGURE_ARMS = ("det_ft", "moe_grpo")
 PAPER_ANALYSIS = "paper: routing entropy over a 2K-token sequence 1.05 -> 1.82; task-wise JSD 0.06 -> 0.20"
@@ -311,14 +344,18 @@ def train_arm(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
         if arm.trainer == "grpo":
+            options = dict(arm.options)
+            group = options.pop("num_generations", args.num_generations)  # every arm sees the same prompts per step
+            if options.get("router_warmup_steps") == "10%":
+                options["router_warmup_steps"] = max(args.max_steps // 10, 1)
             config = MoEGRPOConfig(
                 output_dir=output_dir,
-                per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-                num_generations=args.num_generations,
+                per_device_train_batch_size=args.prompts_per_step * group,
+                num_generations=group,
                 max_completion_length=args.max_completion_length,
                 modality_calibration_samples=128,
                 **common,
-                **arm.options,
+                **options,
             )
             trainer = MoEGRPOTrainer(
                 model, reward_funcs=[reward], args=config, train_dataset=train, processing_class=processor
