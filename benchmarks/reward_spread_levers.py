@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
+
+from stats import standard_error
 
 ARMS: dict[str, list[str]] = {
     "paper": [],
@@ -73,7 +74,7 @@ def run_arm(name: str, steps: int, recipe: str, data: str) -> dict:
         "arm": name,
         "steps": len(shares),
         "spread_share": statistics.fmean(shares),
-        "spread_share_se": statistics.stdev(shares) / math.sqrt(len(shares)) if len(shares) > 1 else float("nan"),
+        "spread_share_se": standard_error(shares),
         "first_generation_share": statistics.fmean(first) if first else None,
         "reward": statistics.fmean(log["reward"] for log in logs),
         "seconds": seconds,

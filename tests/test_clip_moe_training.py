@@ -230,12 +230,14 @@ def test_clip_tables_smoke_runs_every_arm(tmp_path):
         assert all(0.0 <= value <= 1.0 for value in accuracy.values())
 
 
-ROUTING_SETTINGS = ("train_routing", "routing_noise_std", "expert_capacity_factor", "sinkhorn_iterations")
+ROUTING_SETTINGS = (
+    "train_routing", "routing_noise_std", "noisy_mixing_weights", "expert_capacity_factor", "sinkhorn_iterations"
+)  # fmt: skip
 
 
 def test_det_ft_routing_settings_are_those_of_moe_sft_and_reach_the_controller(shapes, tmp_path):
-    """Noise std, capacity factor and Sinkhorn iterations: MoESFTConfig's names, defaults and checks, and the
-    training forward routes with them (evaluation with plain top-K)."""
+    """Noise std and mixing, capacity factor and Sinkhorn iterations: MoESFTConfig's names, defaults and checks, and
+    the training forward routes with them (evaluation with plain top-K)."""
     import dataclasses
 
     from trl_moe_grpo import MoESFTConfig
@@ -264,5 +266,5 @@ def test_det_ft_routing_settings_are_those_of_moe_sft_and_reach_the_controller(s
     model.eval()
     with torch.no_grad():
         trainer.compute_loss(model, batch)
-    expected = dict(noise_std=0.25, capacity_factor=2.0, sinkhorn_iterations=5)
+    expected = dict(noise_std=0.25, noisy_mixing_weights=True, capacity_factor=2.0, sinkhorn_iterations=5)
     assert opened == [{"mode": "noise", **expected}, {"mode": "topk", **expected}]

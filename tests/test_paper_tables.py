@@ -11,6 +11,8 @@ import pytest
 from trl_moe_grpo.demo.visual_mc import HELDOUT_TASKS, TASKS
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import paper_tables  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +25,9 @@ def test_every_arm_trains_and_is_reported(tmp_path):
 
     results = json.loads(output.with_suffix(".json").read_text())
     arms = {key.split("/")[0] for key in results["runs"]}
-    assert len(arms) == 14 and {"det_ft", "stoch_ft_multi", "grpo_r3", "moe_grpo", "ec", "sinkhorn_lb"} <= arms
+    assert arms == set(paper_tables.ARMS)
+    assert {"det_ft", "stoch_ft_multi", "stoch_ft_noise", "grpo_r3", "moe_grpo", "ec", "sinkhorn_lb"} <= arms
+    assert {"lever_sampled_tokens", "lever_regenerate", "lever_g16", "lever_warmup"} <= arms
     splits = ["test", "test_shifted", "test_heldout_tasks"]
     assert results["settings"]["test_splits"] == splits
     assert results["settings"]["generalization_splits"] == splits[1:]
@@ -55,16 +59,26 @@ def test_every_arm_trains_and_is_reported(tmp_path):
             assert run["router_weight_change"] > 0, key  # every other arm trains the routers
 
     report = output.read_text()
-    for title in ("Table 1", "Table 4", "Table 5", "Table 7", "Accuracy per task", "Routing analysis", "Time per arm"):
+    titles = (
+        "Table 1",
+        "Table 4",
+        "Table 5",
+        "Table 7",
+        "Levers",
+        "Accuracy per task",
+        "Routing analysis",
+        "Time per arm",
+    )
+    for title in titles:
         assert f"## {title}" in report
     for split in splits:
         assert f"### {split}\n" in report
     assert "Route sensitivity (the share of prompts whose G=8 sampled-routing greedy rollouts" in report
-    # Its row in each of the four tables, the three per-task tables, the analysis and the times.
-    assert report.count("| MoE-GRPO |") == 9
+    # Its row in each of the five comparison tables, the three per-task tables, the analysis and the times.
+    assert report.count("| MoE-GRPO |") == 10
     # The tables' columns: the headline, every split side by side, the paired gaps on both scores.
     header = "| method | generalization (mean ± std) | test | test_shifted | test_heldout_tasks | vs MoE-GRPO, "
-    assert report.count(header + "generalization (± SE) | vs MoE-GRPO, test (± SE) | paper |") == 4
+    assert report.count(header + "generalization (± SE) | vs MoE-GRPO, test (± SE) | paper |") == 5
     moe_grpo = results["runs"]["moe_grpo/0"]
     cells = [f"{moe_grpo['generalization']:.3f} ± n/a"] + [
         f"{moe_grpo['split_accuracy'][s]['all']:.3f}" for s in splits
