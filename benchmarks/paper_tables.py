@@ -28,7 +28,8 @@ of prompts per step with their answers.
 `images`, an `answer` and a `task` column. The first of `--test-splits` is the in-distribution one; the generalization
 average is over `--generalization-splits` (by default every test split after the first; none when there is only
 one). Results are kept per (arm, seed) in a JSON file next to the report, so an interrupted run resumes where it
-stopped; a change of settings starts afresh.
+stopped; a change of settings starts afresh. A hand-written reading of the numbers, `<report>-findings.md` beside the
+report (e.g. `docs/results-findings.md`), is included in the report under "Findings" and survives a re-run.
 """
 
 from __future__ import annotations
@@ -457,6 +458,15 @@ def render(results: dict, settings: dict, args: argparse.Namespace, wall_seconds
         + ".",
         "",
     ]
+    # The reading of the numbers is written by hand, in a file beside the report that a re-run keeps.
+    findings = Path(args.output).with_name(Path(args.output).stem + "-findings.md")
+    if findings.is_file():
+        lines += [
+            f"## Findings (written by hand from this run: `{findings.name}`)",
+            "",
+            findings.read_text().strip(),
+            "",
+        ]
     split_header = " | ".join(splits)
     for table in args.tables:
         title, arms, paper = TABLES[table]

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_every_arm_trains_and_is_reported(tmp_path):
     output = tmp_path / "results.md"
+    (tmp_path / "results-findings.md").write_text("A reading of the numbers, by hand.\n")
     command = [sys.executable, "benchmarks/paper_tables.py", "--smoke", "--output", str(output)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -73,6 +74,10 @@ def test_every_arm_trains_and_is_reported(tmp_path):
         assert f"## {title}" in report
     for split in splits:
         assert f"### {split}\n" in report
+    assert (
+        "## Findings (written by hand from this run: `results-findings.md`)\n\nA reading of the numbers, by hand.\n"
+        in report
+    )
     assert "Route sensitivity (the share of prompts whose G=8 sampled-routing greedy rollouts" in report
     # Its row in each of the five comparison tables, the three per-task tables, the analysis and the times.
     assert report.count("| MoE-GRPO |") == 10
