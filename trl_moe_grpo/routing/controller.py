@@ -1,6 +1,6 @@
 """One routing controller per model: hooks on every router module, switched by mode.
 
-The controller installs a forward hook on each MoE router (found by class, see `adapters.py`) and one forward
+The controller installs a forward hook on each MoE router (found and recognized by their output contract, see `adapters.py`) and one forward
 pre-hook on the model itself. The hooks do nothing in `topk` mode, so a model with a controller computes exactly what
 the stock model computes. The other modes replace the router's `(weights, indices)` output before the experts run:
 
@@ -442,8 +442,8 @@ class RoutingController:
             return self._route_training(layer, output)
         if self.mode == "topk" and self._recording is None:
             return None
-        logits, weights, indices = output
         adapter = self.adapters[layer]
+        logits, weights, indices = adapter.unpack(output)
         if self._call_shape is None or self._call_shape[0] * self._call_shape[1] != logits.shape[0]:
             raise MoEGRPOError(
                 f"Router `{self.layer_names[layer]}` saw {logits.shape[0]} tokens outside a model call the "
@@ -451,7 +451,7 @@ class RoutingController:
             )
 
         if self.mode == "replay":
-            return self._replay(layer, adapter, logits, weights, indices)
+            return adapter.pack(output, *self._replay(layer, adapter, logits, weights, indices))
         if self.mode in ("sample", "noise"):
             log_probs = self._masked(adapter.selection_log_probs(logits), layer)
             if self.mode == "sample":
@@ -466,7 +466,7 @@ class RoutingController:
                 self._recording.selection_probs[-1][:, :, layer] = probs.view(*self._call_shape, -1).float()
         if self.mode == "topk":
             return None  # recording only: the stock output, untouched
-        return logits, weights, indices
+        return adapter.pack(output, logits, weights, indices)
 
     def _masked(self, log_probs: torch.Tensor, layer: int) -> torch.Tensor:
         if self.expert_masks is None:
@@ -498,7 +498,8 @@ class RoutingController:
     # ------------------------------------------------------------------ training routing
 
     def _route_training(self, layer: int, output):
-        logits, weights, top_k = output
+        adapter = self.adapters[layer]
+        logits, weights, top_k = adapter.unpack(output)
         state = self._training
         rows = logits.shape[0]
         if self._call_shape is None or self._call_shape[0] * self._call_shape[1] != rows:
@@ -506,7 +507,6 @@ class RoutingController:
                 f"Router `{self.layer_names[layer]}` saw {rows} tokens outside a model call the controller tracked; "
                 "call the model the controller was built for, not a submodule."
             )
-        adapter = self.adapters[layer]
         valid = state.token_mask.to(logits.device)
         drawn = state._routes.get(layer)
         if drawn is None:
@@ -525,7 +525,7 @@ class RoutingController:
         if state.mode == "topk":
             return None  # stock output, untouched
         weights = torch.where(valid[:, None], self._set_weights(adapter, logits, indices, active, weights), weights)
-        return logits, weights, indices
+        return adapter.pack(output, logits, weights, indices)
 
     def _draw(self, state: TrainingRoutes, layer: int, adapter: RouterAdapter, logits, top_k, valid):
         """`(indices, active, num_choices)` for one layer of the batch; padding rows keep the stock top-K."""
