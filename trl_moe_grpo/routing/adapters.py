@@ -25,7 +25,6 @@ class, its module and what an adapter would need.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +46,9 @@ class RouterAdapter:
     """
 
     rule = "custom"  # a short name of the scoring rule, for error messages and the supported-families table
+    # Set when the router scores more experts than the block computes and maps the extra (skip) experts itself to
+    # expert 0 with weight 0: sampled and replayed sets must be mapped the same way before the experts see them.
+    computed_experts: int | None = None
 
     def __init__(self, router: nn.Module, top_k: int | None = None, num_experts: int | None = None):
         self.router = router
@@ -72,6 +74,10 @@ class RouterAdapter:
 
     def pack(self, output, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         """The router output with `weights` and `indices` in place of the stock ones (extra outputs kept)."""
+        if self.computed_experts is not None:
+            # A skip expert the router itself hands to the experts as expert 0 with weight 0 (ZAYA).
+            skip = indices >= self.computed_experts
+            weights, indices = weights.masked_fill(skip, 0), indices.masked_fill(skip, 0)
         return (logits, weights, indices, *output[3:])
 
 
@@ -79,7 +85,10 @@ def _scaled(adapter: ScoredTopKAdapter, weights: torch.Tensor, indices: torch.Te
     if adapter.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + adapter.epsilon)
     if adapter.expert_scale is not None:
-        weights = weights * getattr(adapter.router, adapter.expert_scale).float()[indices]
+        factors = adapter.expert_scale_values
+        if factors is None:
+            factors = getattr(adapter.router, adapter.expert_scale)
+        weights = weights * factors.float()[indices]
     return weights * adapter.scale if adapter.scale != 1.0 else weights
 
 
@@ -102,6 +111,8 @@ class ScoredTopKAdapter(RouterAdapter):
 
     rule = "scored"
     epsilon = 0.0
+    # The per-expert factors recognition probed with, in place of the router's own while it checks a rule.
+    expert_scale_values: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -351,6 +362,7 @@ class RouterProbe:
             else:
                 value = torch.zeros(shape, dtype=dtype)
             replaced[name] = value
+        self.replaced = replaced
         extra = []
         for name in list(inspect.signature(self.router.forward).parameters)[1:]:
             # Arguments beyond the hidden states (a bias correction the block owns) come from the block.
@@ -402,19 +414,20 @@ def _contract(output) -> str | None:
     return None
 
 
+@torch.no_grad()
 def _matches(adapter: RouterAdapter, probe_output) -> bool:
     logits, weights, indices = adapter.unpack(probe_output)
     expected = adapter.mixing_weights(logits.float(), indices.long(), like=weights.float())
     return bool(torch.allclose(expected, weights.float(), rtol=1e-4, atol=1e-6))
 
 
+@torch.no_grad()
 def _fitted_scale(adapter: ScoredTopKAdapter, probe_output) -> float | None:
     """The constant factor between the router's weights and `adapter`'s unscaled weights, if there is one."""
     logits, weights, indices = adapter.unpack(probe_output)
     adapter.scale = 1.0
     unscaled = adapter.mixing_weights(logits.float(), indices.long(), like=weights.float())
-    denominator = unscaled.abs().sum()
-    if float(denominator) == 0.0:
+    if float(unscaled.abs().sum()) == 0.0:
         return None
     scale = float((weights.float() * unscaled).sum() / (unscaled * unscaled).sum())
     for name in ("routed_scaling_factor", "route_scale", "scaling_factor"):
@@ -479,11 +492,20 @@ def recognize(router: nn.Module, block: nn.Module | None = None) -> RouterAdapte
             candidates.append(SparseMixerAdapter(router, top_k=top_k, num_experts=num_experts))
     for adapter in candidates:
         if isinstance(adapter, ScoredTopKAdapter):
+            adapter.expert_scale_values = probe.replaced.get(adapter.expert_scale) if adapter.expert_scale else None
             scale = _fitted_scale(adapter, probe.output)
-            if scale is None:
-                continue
-            adapter.scale = scale
-        if _matches(adapter, probe.output):
+            matched = scale is not None
+            if matched:
+                adapter.scale = scale
+                matched = _matches(adapter, probe.output)
+            adapter.expert_scale_values = None
+        else:
+            matched = _matches(adapter, probe.output)
+        if matched:
+            computed = getattr(getattr(block, "experts", None), "num_experts", None)
+            if isinstance(computed, int) and computed < adapter.num_experts:
+                if int(adapter.unpack(probe.output)[2].max()) < computed:
+                    adapter.computed_experts = computed
             return adapter
     raise MoEGRPOError(
         f"Router `{_where(router)}` returns (logits, weights, indices), but its weights follow none of the known "
@@ -521,7 +543,7 @@ def _router_candidates(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module
             found[f"{block_name}.{child_name}" if block_name else child_name] = (child, block)
     for name, module in model.named_modules():
         cls = type(module).__name__
-        if name not in found and cls.endswith("Router") and hasattr(module, "top_k") and hasattr(module, "weight"):
+        if name not in found and cls.endswith(("Router", "Gating")) and hasattr(module, "top_k"):
             found[name] = (module, None)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return [(name, module, block) for name, (module, block) in sorted(found.items(), key=lambda kv: order[kv[0]])]

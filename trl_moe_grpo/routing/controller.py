@@ -1,6 +1,6 @@
 """One routing controller per model: hooks on every router module, switched by mode.
 
-The controller installs a forward hook on each MoE router (found and recognized by their output contract, see `adapters.py`) and one forward
+The controller installs a forward hook on each MoE router (recognized by its output contract, `adapters.py`) and one forward
 pre-hook on the model itself. The hooks do nothing in `topk` mode, so a model with a controller computes exactly what
 the stock model computes. The other modes replace the router's `(weights, indices)` output before the experts run:
 

@@ -8,10 +8,9 @@ the family's default config (2 layers, hidden size 64, 8 experts, top-2) and bui
 
 from __future__ import annotations
 
-import importlib
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,7 +74,8 @@ _SIZES: dict[str, int] = {
     "moe_every_k_layers": 1,
 }
 _EMPTY_LISTS = ("mlp_only_layers",)
-_MAX_PARAMETERS = 5_000_000
+_EXACT = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok", "moe_topk")
+_MAX_PARAMETERS = 25_000_000
 
 
 def _nested(config: PretrainedConfig) -> dict[str, PretrainedConfig]:
@@ -125,7 +125,9 @@ def shrink_config(config: PretrainedConfig, overrides: dict[str, Any] | None = N
         kwargs[key] = shrink_config(value, nested).to_dict()
     choice = _layer_choice(kwargs, layers) if isinstance(layers, int) else None
     for key, value in list(kwargs.items()):
-        if key in _SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if key in _EXACT and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            kwargs[key] = _SIZES[key]  # every family gets 8 experts, top-2 (HunYuan's default is a single expert)
+        elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
             kwargs[key] = min(value, _SIZES[key])
         elif key in _SIZES and isinstance(value, list) and all(isinstance(v, int) for v in value):
             kwargs[key] = [min(v, _SIZES[key]) for v in value]
@@ -224,6 +226,15 @@ def moe_model_types(generating: bool = True) -> list[str]:
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 1, "expert_layer_offset": 0},
     "llama4": {"text_config.moe_layers": [0, 1], "text_config.no_rope_layers": [1, 0]},
+    "glm4v_moe": {
+        "text_config.rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 1, 1],
+        }
+    },
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
     "llama4_text": {"moe_layers": [0, 1], "no_rope_layers": [1, 0]},
 }
 
