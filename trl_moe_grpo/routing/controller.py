@@ -1,8 +1,9 @@
 """One routing controller per model: hooks on every router module, switched by mode.
 
 The controller installs a forward hook on each MoE router (recognized by its output contract, `adapters.py`) and
-one forward pre-hook on the model itself. The hooks do nothing in `topk` mode, so a model with a controller computes exactly what
-the stock model computes. The other modes replace the router's `(weights, indices)` output before the experts run:
+one forward pre-hook on the model itself. The hooks do nothing in `topk` mode, so a model with a controller computes
+exactly what the stock model computes. The other modes replace the router's `(weights, indices)` output (through the
+adapter's `unpack`/`pack`, whatever the router's output contract) before the experts run:
 
 - `sample`: Gumbel-top-K draws from the selection distribution (optionally modality-masked), recorded as a trace;
 - `noise`: Gaussian noise on the selection log-scores, then top-K (the Stoch-FT-Noise baseline), recorded too;
