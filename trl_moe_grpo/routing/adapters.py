@@ -303,6 +303,26 @@ class DenseSigmoidAdapter(DenseScoresContract, SigmoidGroupedAdapter):
         super().__init__(router, **kwargs)
 
 
+class LogitsOnlyContract:
+    """Routers that return only logits, the block choosing the experts with `route_tokens_to_experts` (DBRX).
+
+    The chosen set reaches the experts by the router's output alone: every expert outside it gets logit `-inf`, so
+    the block's own top-K picks exactly the set and its own rule weights it. Recognition checks that this gives the
+    weights the adapter's rule gives the set (true of renormalized rules, whose weights depend only on the set's
+    logits); the experts' compute stays the block's.
+    """
+
+    route: Callable  # the block's `route_tokens_to_experts`
+
+    def unpack(self, output):
+        weights, indices = self.route(output)
+        return output, weights, indices
+
+    def pack(self, output, logits, weights, indices):
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, indices, True)
+        return logits.masked_fill(~keep, float("-inf"))
+
+
 # The rules recognition tries, in order. The first whose weights match the router's own wins; rules that agree on a
 # router (e.g. every renormalized rule when K = 1) agree on its weights, so the order decides only the selection law.
 SCORING_RULES: tuple[type[ScoredTopKAdapter], ...] = (
@@ -449,6 +469,9 @@ def recognize(router: nn.Module, block: nn.Module | None = None) -> RouterAdapte
             raise MoEGRPOError(f"Router `{_where(router)}` is not supported: {reason}.")
     probe = RouterProbe(router, block)
     contract = _contract(probe.output)
+    route = getattr(block, "route_tokens_to_experts", None)
+    if contract is None and isinstance(probe.output, torch.Tensor) and probe.output.dim() == 2 and callable(route):
+        return _recognize_logits_only(router, route, probe.output)
     override = ROUTER_ADAPTERS.get(type(router).__name__)
     if override is not None:
         adapter = override(router)
@@ -513,6 +536,42 @@ def recognize(router: nn.Module, block: nn.Module | None = None) -> RouterAdapte
         "or without renormalization and a constant or per-expert scale; sparsemixer). An adapter needs the rule that "
         "gives a chosen set its weights from the logits: subclass `trl_moe_grpo.routing.RouterAdapter` and register "
         f"it in `ROUTER_ADAPTERS` under `{type(router).__name__}`."
+    )
+
+
+def _recognize_logits_only(router: nn.Module, route: Callable, logits: torch.Tensor) -> RouterAdapter:
+    with torch.no_grad():
+        weights, indices = route(logits)
+        top_k, num_experts = indices.shape[-1], logits.shape[-1]
+        # The least likely experts: a set the block's top-K would never choose, to check the masking reaches them.
+        other = torch.topk(-logits, top_k, dim=-1).indices
+        for rule in SCORING_RULES:
+            for renormalize in (True, False):
+                adapter = type(f"LogitsOnly{rule.__name__}", (LogitsOnlyContract, rule), {})(
+                    router, renormalize=renormalize, top_k=top_k, num_experts=num_experts
+                )
+                adapter.route = route
+                scale = _fitted_scale(adapter, logits)
+                if scale is None:
+                    continue
+                adapter.scale = scale
+                if not _matches(adapter, logits):
+                    continue
+                masked_weights, masked_indices = route(adapter.pack(logits, logits, None, other))
+                order = torch.argsort(masked_indices, dim=-1)
+                expected = adapter.mixing_weights(logits, other, like=masked_weights.float())
+                if torch.equal(masked_indices.gather(-1, order), other.sort(-1).values) and torch.allclose(
+                    masked_weights.float().gather(-1, order),
+                    expected.gather(-1, torch.argsort(other, dim=-1)),
+                    rtol=1e-4,
+                    atol=1e-6,
+                ):
+                    return adapter
+    raise MoEGRPOError(
+        f"Router `{_where(router)}` returns only logits and its block chooses the experts "
+        "(`route_tokens_to_experts`) by a rule whose weights for a set are not a renormalized function of the set's "
+        "logits, so a replayed set cannot be handed to the block through the logits alone. An adapter would need to "
+        "replace the block's `(weights, indices)` before its experts run."
     )
 
 

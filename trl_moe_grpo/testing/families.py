@@ -39,6 +39,9 @@ _SIZES: dict[str, int] = {
     "num_hidden_layers": 2,
     "num_layers": 2,
     "n_layer": 2,
+    "n_layers": 2,
+    "n_heads": 4,
+    "num_dense_layers": 0,
     "encoder_layers": 2,
     "decoder_layers": 2,
     "num_decoder_layers": 2,
@@ -97,7 +100,12 @@ def _layer_choice(kwargs: dict[str, Any], layers: int) -> list[int] | None:
     entries = [tuple(str(v[i]) for v in lists) for i in range(layers)]
     moe = [i for i, e in enumerate(entries) if any(x in ("sparse", "moe") for x in e)]
     first = moe[-1] if moe else layers - 1
-    second = max(range(layers), key=lambda i: (sum(a != b for a, b in zip(entries[i], entries[first])), i))
+
+    def preference(i: int) -> tuple:  # an attention layer, then the most different from the first
+        attention = any(x in ("full_attention", "attention", "sliding_attention") for x in entries[i])
+        return (i != first, attention, sum(a != b for a, b in zip(entries[i], entries[first])), i)
+
+    second = max(range(layers), key=preference)
     return sorted({first, second}) if second != first else [first - 1, first]
 
 
@@ -153,7 +161,10 @@ def shrink_config(config: PretrainedConfig, overrides: dict[str, Any] | None = N
             elif key == "hidden_size_per_layer_input":
                 kwargs[key] = 16
     if "topk_group" in kwargs:  # group-limited routing: 2 groups of 4, the best group kept
-        kwargs["n_group"], kwargs["topk_group"] = 2, 1
+        kwargs["n_group" if "num_expert_group" not in kwargs else "num_expert_group"] = 2
+        kwargs["topk_group"] = 1
+    if "n_routed_experts" in kwargs and kwargs["n_routed_experts"] is None:  # MoE switched off by default (dots1)
+        kwargs["n_routed_experts"] = _SIZES["n_routed_experts"]
     if kwargs.get("kv_lora_rank"):  # multi-head latent attention: as many key/value heads as query heads
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads")
         if "head_dim" in kwargs:
@@ -224,6 +235,11 @@ def moe_model_types(generating: bool = True) -> list[str]:
 
 # What the generic shrinking cannot know: layer patterns given as periods or index lists.
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
+    # DBRX's attention clamps with `clip_qkv`, which defaults to None (a crash in transformers 5.25).
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
+    "dots1": {"n_shared_experts": 1},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "nemotron_h": {"layers_block_type": ["full_attention", "moe"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 1, "expert_layer_offset": 0},
     "llama4": {"text_config.moe_layers": [0, 1], "text_config.no_rope_layers": [1, 0]},
     "glm4v_moe": {
