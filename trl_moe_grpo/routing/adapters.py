@@ -25,6 +25,7 @@ class, its module and what an adapter would need.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -345,11 +346,9 @@ ROUTER_ADAPTERS: dict[str, type[RouterAdapter]] = {
     "DeepseekV3TopkRouter": SigmoidGroupedAdapter,
 }
 
-# Blocks with experts whose routing is not a router module with a known contract, and why (checked by class name
-# suffix; the discovery test keeps this list honest).
-_NOT_SUPPORTED = {
-    "HashRouter": "hash routing: the experts are a fixed function of the token id, there is no routing to sample",
-}
+# Routers left alone: hash routers (DeepSeek-V4's first layers) pick experts as a fixed function of the token id, so
+# there is no routing to sample or train; those layers keep their stock routing and are not part of the traces.
+_FIXED_ROUTERS = ("HashRouter",)
 
 _PROBE_ROWS = 64
 
@@ -464,9 +463,6 @@ def recognize(router: nn.Module, block: nn.Module | None = None) -> RouterAdapte
         MoEGRPOError: naming the router class, its module and what an adapter would need, when no known contract and
             scoring rule reproduces what the router returns.
     """
-    for suffix, reason in _NOT_SUPPORTED.items():
-        if type(router).__name__.endswith(suffix):
-            raise MoEGRPOError(f"Router `{_where(router)}` is not supported: {reason}.")
     probe = RouterProbe(router, block)
     contract = _contract(probe.output)
     route = getattr(block, "route_tokens_to_experts", None)
@@ -585,6 +581,8 @@ def _describe_output(output) -> str:
 
 
 _ROUTER_WORDS = ("router", "gate", "gating")
+# Child names of an MoE block that hold one modality's experts and router (ERNIE 4.5-VL).
+_MODALITY_GROUPS = ("vision_moe", "text_moe")
 
 
 def _router_candidates(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
@@ -597,12 +595,13 @@ def _router_candidates(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module
             lowered = (child_name + type(child).__name__).lower()
             if child_name == "experts" or "shared" in lowered or not any(w in lowered for w in _ROUTER_WORDS):
                 continue
-            if next(child.parameters(), None) is None:
+            if next(child.parameters(), None) is None or type(child).__name__.endswith(_FIXED_ROUTERS):
                 continue
             found[f"{block_name}.{child_name}" if block_name else child_name] = (child, block)
     for name, module in model.named_modules():
         cls = type(module).__name__
-        if name not in found and cls.endswith(("Router", "Gating")) and hasattr(module, "top_k"):
+        fixed = cls.endswith(_FIXED_ROUTERS)
+        if name not in found and not fixed and cls.endswith(("Router", "Gating")) and hasattr(module, "top_k"):
             found[name] = (module, None)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return [(name, module, block) for name, (module, block) in sorted(found.items(), key=lambda kv: order[kv[0]])]
@@ -619,6 +618,21 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, RouterAdapter]]
         MoEGRPOError: when `model` has no experts (a dense model), or an MoE block whose router has no known contract
             (the error names the router class, its module and what an adapter needs).
     """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and _expert_blocks(model):
+        raise MoEGRPOError(
+            f"`{type(model).__name__}` is an encoder-decoder Mixture-of-Experts model. MoE-GRPO's routing traces are "
+            "laid out like a decoder-only model's token ids (TRL's GRPO trains causal LMs and vision-language "
+            "decoders), so encoder-decoder MoEs (Switch Transformers, NLLB-MoE) are not supported."
+        )
+    split = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in _MODALITY_GROUPS]
+    if split:
+        raise MoEGRPOError(
+            f"`{type(model).__name__}` routes text and vision tokens to separate expert groups (`{split[0]}`): each "
+            "group's router sees only its modality's tokens, while a routing trace holds one route per token and "
+            "MoE layer. Per-modality expert groups (ERNIE 4.5-VL) are not supported yet; its text-only sibling "
+            "(ERNIE 4.5-MoE) is."
+        )
     routers = []
     routed_blocks: set[int] = set()
     refused: dict[int, MoEGRPOError] = {}  # by block (or router) identity: the first refusal

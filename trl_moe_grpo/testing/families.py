@@ -237,11 +237,16 @@ def moe_model_types(generating: bool = True) -> list[str]:
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # DBRX's attention clamps with `clip_qkv`, which defaults to None (a crash in transformers 5.25).
     "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
+    "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe"]},  # a hash-routed layer, left stock, and a routed one
     "dots1": {"n_shared_experts": 1},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "nemotron_h": {"layers_block_type": ["full_attention", "moe"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 1, "expert_layer_offset": 0},
     "llama4": {"text_config.moe_layers": [0, 1], "text_config.no_rope_layers": [1, 0]},
+    # Multimodal rotary sections default (in the modeling code) to ones for a 128-wide head.
+    "ernie4_5_vl_moe": {
+        "text_config.rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]}
+    },
     "glm4v_moe": {
         "text_config.rope_parameters": {
             "rope_type": "default",
@@ -331,8 +336,10 @@ def check_family(model_type: str, seed: int = 0) -> FamilyCheck:
         generator = torch.Generator().manual_seed(seed)
         input_ids = torch.randint(3, min(100, model.config.get_text_config().vocab_size), (2, 9), generator=generator)
         if model.config.is_encoder_decoder:
-            raise ValueError("encoder-decoder model")
-        stock = _forward(model, input_ids)
+            with torch.no_grad():
+                stock = model(input_ids=input_ids, decoder_input_ids=input_ids).logits.float()
+        else:
+            stock = _forward(model, input_ids)
     except Exception as error:  # the family itself does not build or run at this size
         return FamilyCheck(model_type, name, "not built", detail=f"{type(error).__name__}: {error}"[:300])
     try:
