@@ -168,6 +168,8 @@ class RoutingController:
             for layer, (_, module, _) in enumerate(routers)
         ]
         self._handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._on_model_return, always_call=True))
+        self._model_depth = 0  # model calls in progress: a call nested in another is the same forward
 
     # ------------------------------------------------------------------ public API
 
@@ -364,7 +366,15 @@ class RoutingController:
                 "Close the training routing context first."
             )
 
+    def _on_model_return(self, module, args, output):
+        self._model_depth = max(0, self._model_depth - 1)
+
     def _on_model_call(self, module, args, kwargs):
+        self._model_depth += 1
+        if self._model_depth > 1:
+            # The model calling itself (TRL's fused LM head calls `model.base_model`, which is the model itself for
+            # some families, e.g. Llama 4's causal LM): the outer call already set up this forward.
+            return None
         if self._training is not None:
             return self._on_training_call(args, kwargs)
         if self.mode == "topk" and self._recording is None:

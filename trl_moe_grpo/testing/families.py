@@ -260,18 +260,25 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_family_config(model_type: str) -> PretrainedConfig:
-    """The family's default config, shrunk (see `shrink_config`)."""
+def tiny_family_config(model_type: str, vocab_size: int | None = None) -> PretrainedConfig:
+    """The family's default config, shrunk (see `shrink_config`); `vocab_size` sets every nested config's vocabulary
+    (e.g. to a test tokenizer's size, so every generated id decodes to text)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    return shrink_config(CONFIG_MAPPING[model_type](), FAMILY_OVERRIDES.get(model_type))
+    if vocab_size is not None:
+        _SIZES["vocab_size"], previous = vocab_size, _SIZES["vocab_size"]
+    try:
+        return shrink_config(CONFIG_MAPPING[model_type](), FAMILY_OVERRIDES.get(model_type))
+    finally:
+        if vocab_size is not None:
+            _SIZES["vocab_size"] = previous
 
 
-def build_tiny_family(model_type: str, seed: int = 0) -> PreTrainedModel:
+def build_tiny_family(model_type: str, seed: int = 0, vocab_size: int | None = None) -> PreTrainedModel:
     """A seeded, randomly initialized tiny model of the family's generating class, fp32, eager attention, eval mode."""
     import transformers
 
-    config = tiny_family_config(model_type)
+    config = tiny_family_config(model_type, vocab_size)
     model_class = getattr(transformers, generating_class_name(model_type))
     with torch.device("meta"):
         size = sum(p.numel() for p in model_class._from_config(config).parameters())
