@@ -367,7 +367,10 @@ class RouterProbe:
             shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 partitions parameters
             if len(shape) == 2:
                 return int(shape[-1])
-        raise MoEGRPOError(f"`{_where(self.router)}` has no 2-d weight to read the hidden size from.")
+        raise MoEGRPOError(
+            f"`{_where(self.router)}` has no 2-d weight to read the hidden size from (parameters: "
+            f"{[(n, tuple(p.shape)) for n, p in self.router.named_parameters()]})."
+        )
 
     def _call(self):
         generator = torch.Generator().manual_seed(0)
@@ -595,9 +598,14 @@ def _router_candidates(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module
             lowered = (child_name + type(child).__name__).lower()
             if child_name == "experts" or "shared" in lowered or not any(w in lowered for w in _ROUTER_WORDS):
                 continue
+            name = f"{block_name}.{child_name}" if block_name else child_name
+            while isinstance(getattr(child, "base_layer", None), nn.Module):
+                # A PEFT wrapper (LoRA on the router's weight): the router is the wrapped module, which the wrapper
+                # calls with the adapted weight. Probing the wrapper itself would swap its weight under PEFT's feet.
+                child, name = child.base_layer, f"{name}.base_layer"
             if next(child.parameters(), None) is None or type(child).__name__.endswith(_FIXED_ROUTERS):
                 continue
-            found[f"{block_name}.{child_name}" if block_name else child_name] = (child, block)
+            found[name] = (child, block)
     for name, module in model.named_modules():
         cls = type(module).__name__
         fixed = cls.endswith(_FIXED_ROUTERS)

@@ -69,6 +69,14 @@ _SIZES: dict[str, int] = {
     "topk_group": 1,
     "n_shared_experts": 1,
     "num_shared_experts": 1,
+    # Linear-attention and state-space layers.
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_d_state": 16,
     # Every layer an MoE layer.
     "first_k_dense_replace": 0,
     "decoder_sparse_step": 1,
@@ -239,6 +247,16 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
     "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe"]},  # a hash-routed layer, left stock, and a routed one
     "dots1": {"n_shared_experts": 1},
+    "hy_v4": {"indexer_types": ["full", "full"]},
+    "hy_v4_vl": {"text_config.indexer_types": ["full", "full"]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    "kolibri1_1": {
+        "layer_types": ["sliding_attention", "sliding_attention"],
+        "index_layers": [],
+        "kv_source_layers": [0, 1],
+    },
+    "mistral4": {"head_dim": 16},  # its head is the nope and rope parts together
+    "step3p7": {"text_config.sliding_window": 16},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "nemotron_h": {"layers_block_type": ["full_attention", "moe"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 1, "expert_layer_offset": 0},
