@@ -246,6 +246,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # DBRX's attention clamps with `clip_qkv`, which defaults to None (a crash in transformers 5.25).
     "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
     "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe"]},  # a hash-routed layer, left stock, and a routed one
+    "deepseek_ocr2": {"text_config.mlp_layer_types": ["sparse", "sparse"]},
     "dots1": {"n_shared_experts": 1},
     "hy_v4": {"indexer_types": ["full", "full"]},
     "hy_v4_vl": {"text_config.indexer_types": ["full", "full"]},
@@ -256,6 +257,21 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
         "kv_source_layers": [0, 1],
     },
     "mistral4": {"head_dim": 16},  # its head is the nope and rope parts together
+    "qwen4_exp": {
+        "text_config.indexer_n_heads": 2,
+        "text_config.indexer_kv_heads": 1,
+        "text_config.indexer_head_dim": 16,
+        "text_config.indexer_budget": 16,
+        "text_config.indexer_compress_ratio": 4,
+    },
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 16,
+        "indexer_budget": 16,
+        "indexer_compress_ratio": 4,
+    },
+    "unlimited_ocr": {"text_config.num_key_value_heads": 4},  # its eager attention does not repeat key/value heads
     "step3p7": {"text_config.sliding_window": 16},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "nemotron_h": {"layers_block_type": ["full_attention", "moe"]},
