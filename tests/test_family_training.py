@@ -38,6 +38,7 @@ NAMED = [
     "glm4v_moe",
     "llama4_text",
     "ernie4_5_moe",
+    "ernie4_5_vl_moe",
     "kimi_linear",
     "deepseek_v2",
     "minimax",

@@ -47,6 +47,9 @@ class RouterAdapter:
     """
 
     rule = "custom"  # a short name of the scoring rule, for error messages and the supported-families table
+    # Per-modality expert groups (ERNIE 4.5-VL): 0 for the text group's router, 1 for the vision group's; such a
+    # router sees only its modality's tokens. None for a router that sees every token.
+    modality_group: int | None = None
     # Set when the router scores more experts than the block computes and maps the extra (skip) experts itself to
     # expert 0 with weight 0: sampled and replayed sets must be mapped the same way before the experts see them.
     computed_experts: int | None = None
@@ -584,8 +587,8 @@ def _describe_output(output) -> str:
 
 
 _ROUTER_WORDS = ("router", "gate", "gating")
-# Child names of an MoE block that hold one modality's experts and router (ERNIE 4.5-VL).
-_MODALITY_GROUPS = ("vision_moe", "text_moe")
+# Child names of an MoE block that hold one modality's experts and router (ERNIE 4.5-VL), text first.
+_MODALITY_GROUPS = ("text_moe", "vision_moe")
 
 
 def _router_candidates(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
@@ -633,21 +636,19 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, RouterAdapter]]
             "laid out like a decoder-only model's token ids (TRL's GRPO trains causal LMs and vision-language "
             "decoders), so encoder-decoder MoEs (Switch Transformers, NLLB-MoE) are not supported."
         )
-    split = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in _MODALITY_GROUPS]
-    if split:
-        raise MoEGRPOError(
-            f"`{type(model).__name__}` routes text and vision tokens to separate expert groups (`{split[0]}`): each "
-            "group's router sees only its modality's tokens, while a routing trace holds one route per token and "
-            "MoE layer. Per-modality expert groups (ERNIE 4.5-VL) are not supported yet; its text-only sibling "
-            "(ERNIE 4.5-MoE) is."
-        )
     routers = []
     routed_blocks: set[int] = set()
     refused: dict[int, MoEGRPOError] = {}  # by block (or router) identity: the first refusal
     for name, module, block in _router_candidates(model):
         key = id(block if block is not None else module)
         try:
-            routers.append((name, module, recognize(module, block)))
+            adapter = recognize(module, block)
+            group = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+            if group in _MODALITY_GROUPS:
+                adapter.modality_group = _MODALITY_GROUPS.index(
+                    group
+                )  # 0 text, 1 vision (the controller's TEXT, VISION)
+            routers.append((name, module, adapter))
             routed_blocks.add(key)
         except MoEGRPOError as error:
             refused.setdefault(key, MoEGRPOError(f"At `{name}`: {error}"))
