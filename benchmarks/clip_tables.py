@@ -15,7 +15,8 @@ other datasets (cross-dataset, Table 2) and four shifted versions of ImageNet (d
   every seed and arm.
 
 Reported: mean +- std over seeds per dataset, the averages, and paired differences (same seed) with their standard
-errors; a difference within two standard errors of zero is reported as no difference.
+errors; a difference within two standard errors of zero is reported as no difference. With one seed there is no
+std and no standard error (n/a) and no verdict (`stats.py`).
 
     python benchmarks/clip_tables.py                 # the full run (docs/results-clip.md, docs/results-clip.json)
     python benchmarks/clip_tables.py --smoke         # seconds: CI's check that every arm runs
@@ -26,13 +27,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from stats import mean_pm, mean_std, paired_difference
 
 from trl_moe_grpo.clip_moe.config import CLIPDetFTConfig, CLIPMoEGRPOConfig
 from trl_moe_grpo.clip_moe.evaluation import evaluate_suites, format_table, suite_datasets
@@ -40,6 +41,7 @@ from trl_moe_grpo.clip_moe.images import CROSS_DATASET, DOMAINS, SOURCE, SUITES,
 from trl_moe_grpo.clip_moe.multiplet import diversified_multiplet_upcycle
 from trl_moe_grpo.clip_moe.trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
 from trl_moe_grpo.clip_moe.upcycle import upcycle_clip_model
+from trl_moe_grpo.upcycle import ExpertInit
 
 ROOT = Path(__file__).resolve().parents[1]
 # The untouched CLIP-MoEs: `noise` upcycling (the main table) and Diversified Multiplet Upcycling (4 experts).
@@ -149,22 +151,6 @@ def train_arm(arm: str, model, tokenizer, image_processor, train, args, seed: in
     return model.eval(), [h for h in history if len(h) > 1]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-    """Mean and standard error of the paired differences `a - b` (same seed), and the verdict."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean, std = mean_std(diffs)
-    se = std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    if not se == se or abs(mean) <= 2 * se:
-        verdict = "no difference (within 2 SE)"
-    else:
-        verdict = "higher" if mean > 0 else "lower"
-    return {"mean": mean, "se": se, "verdict": verdict, "per_seed": diffs}
-
-
 def main() -> None:
     args = make_parser().parse_args()
     if args.smoke:
@@ -194,7 +180,7 @@ def main() -> None:
         results[DENSE].append(dense_accuracy)
         bases = {
             "CLIP-MoE": upcycle_clip_model(
-                dense, args.num_experts, args.top_k, "noise", noise_std=args.noise_std, seed=seed
+                dense, args.num_experts, args.top_k, ExpertInit("noise", noise_std=args.noise_std, seed=seed)
             ).eval()
         }
         if not args.no_dmu:
@@ -261,18 +247,17 @@ def summarize(results, args, histories, seconds, total) -> dict:
         for arm, per_seed in results.items():
             cells, arm_stats = {}, {}
             for column in (SOURCE, *columns):
-                mean, std = mean_std([100 * r[column] for r in per_seed])
-                cells[column] = f"{mean:.1f} ± {std:.1f}"
+                cells[column] = mean_pm(*mean_std([100 * r[column] for r in per_seed]), 1)
                 arm_stats[column] = [100 * r[column] for r in per_seed]
             averages = [100 * average(r, columns) for r in per_seed]
-            mean, std = mean_std(averages)
-            cells["average"] = f"{mean:.1f} ± {std:.1f}"
+            cells["average"] = mean_pm(*mean_std(averages), 1)
             arm_stats["average"] = averages
             rows[arm], stats[arm] = cells, arm_stats
         comparisons = {}
         for a, b in (pair for pair in COMPARISONS if pair[0] in results and pair[1] in results):
             comparisons[f"{a} vs {b}"] = {
-                column: paired(stats[a][column], stats[b][column]) for column in (SOURCE, *columns, "average")
+                column: paired_difference(stats[a][column], stats[b][column]).to_json()
+                for column in (SOURCE, *columns, "average")
             }
         tables[key] = {"per_seed": stats, "paired": comparisons}
         lines += [f"### {title}", "", format_table(rows, [SOURCE, *columns]), ""]
@@ -285,7 +270,7 @@ def summarize(results, args, histories, seconds, total) -> dict:
             "| --- | " + " | ".join("---" for _ in range(len(columns) + 2)) + " |",
         ]
         for name, per_column in comparisons.items():
-            cells = [f"{d['mean']:+.1f} ± {d['se']:.1f}" for d in per_column.values()]
+            cells = [mean_pm(d["mean"], d["se"], 1, sign=True) for d in per_column.values()]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", f"Paper: {PAPER[key]}", ""]
         verdicts = [f"{name}: {per_column['average']['verdict']}" for name, per_column in comparisons.items()]
@@ -293,8 +278,8 @@ def summarize(results, args, histories, seconds, total) -> dict:
         if key == "table3":
             sketch = comparisons["+ Det-FT vs CLIP-MoE"]["shapes-sketch"]
             lines += [
-                f"Here (sketch domain, the paper's -0.4): + Det-FT vs CLIP-MoE {sketch['mean']:+.1f} ± "
-                f"{sketch['se']:.1f}, {sketch['verdict']}."
+                "Here (sketch domain, the paper's -0.4): + Det-FT vs CLIP-MoE "
+                f"{mean_pm(sketch['mean'], sketch['se'], 1, sign=True)}, {sketch['verdict']}."
             ]
         lines += [""]
 

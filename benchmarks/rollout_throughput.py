@@ -26,6 +26,7 @@ import statistics
 from collections.abc import Iterator
 
 import torch
+from stats import median_range
 from step_time import build_model, describe, machine, make_clock, synchronize, write_json
 from step_time import make_parser as step_time_parser
 
@@ -122,9 +123,6 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def format_table(result: dict) -> str:
-    def spread(values):
-        return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-
     lines = [
         "| routing | tokens/s (median) | x top-K recorded: median (min-max) | x stock | experts used per layer and "
         "decode step |",
@@ -133,8 +131,8 @@ def format_table(result: dict) -> str:
     for way in WAYS:
         experts = result["distinct_experts_per_decode_step"].get(way)
         lines.append(
-            f"| {way} | {result['tokens_per_second'][way]:.1f} | {spread(result['ratio_to_topk'][way])} | "
-            f"{spread(result['ratio_to_stock'][way])} | {'-' if experts is None else f'{experts:.2f}'} |"
+            f"| {way} | {result['tokens_per_second'][way]:.1f} | {median_range(result['ratio_to_topk'][way])} | "
+            f"{median_range(result['ratio_to_stock'][way])} | {'-' if experts is None else f'{experts:.2f}'} |"
         )
     return "\n".join(lines)
 

@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from stats import median_range
 
 ARMS: dict[str, dict | None] = {
     "trl.GRPOTrainer": None,
@@ -473,10 +474,6 @@ def describe(args: argparse.Namespace) -> str:
     )
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-
-
 def format_table(result: dict) -> str:
     arms = result["arms"]
     names = list(arms)
@@ -485,7 +482,7 @@ def format_table(result: dict) -> str:
         "| --- | ---: | ---: |",
     ]
     for name in names:
-        lines.append(f"| {name} | {arms[name]['step_median']:.3f} | {spread(arms[name]['ratios'])} |")
+        lines.append(f"| {name} | {arms[name]['step_median']:.3f} | {median_range(arms[name]['ratios'])} |")
     lines += ["", "| phase (median s per step) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for key, label in PHASES.items():
         lines.append(f"| {label} | " + " | ".join(f"{arms[n]['phases'][key]:.3f}" for n in names) + " |")
@@ -552,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| size | " + " | ".join(columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for label, result in rows.items():
-        cells = [spread(result["arms"][n]["ratios"]) for n in names]
+        cells = [median_range(result["arms"][n]["ratios"]) for n in names]
         if args.memory:
             reference = result["memory"]["trl.GRPOTrainer"]["training_step_mb"]
             cells += [f"{result['memory'][n]['training_step_mb'] / reference:.3f}" for n in names]

@@ -39,6 +39,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine, as TRL's colocate mode
 
 import torch
+from stats import median_range
 
 WAYS = ("HF top-K", "HF sampled", "vLLM top-K", "vLLM sampled")
 
@@ -233,7 +234,7 @@ def format_table(result: dict) -> str:
     lines += [f"| {way} | {value:.1f} |" for way, value in result["tokens_per_second"].items()]
     lines += ["", "| ratio | median (min-max) over rounds |", "| --- | ---: |"]
     for name, values in result["ratios"].items():
-        lines.append(f"| {name} | {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f}) |")
+        lines.append(f"| {name} | {median_range(values)} |")
     used = ", ".join(f"{way} {value:.2f}" for way, value in result["distinct_experts_per_decode_step"].items())
     lines += ["", f"Distinct experts per decode step and layer (HF, last round): {used}"]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Rebuild the quickstart's bundled starting point from nothing, reproducibly by seed (under a minute on 2 CPU cores).
+"""Rebuild the quickstart's bundled starting point from nothing, reproducibly by seed (under two minutes on 2 cores;
+the reasoning build below, about ten on a loaded 2-core machine: 1000 fine-tuning steps of longer sequences).
 
 1. A tiny dense InternVL-style vision-language model (InternViT-style vision tower, pixel-shuffle projector, Qwen3
    language model) with the project's character tokenizer and an `InternVLProcessor`: 56x56 images in 7x7 patches,
@@ -18,6 +19,16 @@
 Everything lands in `--output`, with `build_report.json`.
 
     python scripts/build_bundled_model.py --output bundled/tiny-internvl-moe
+    python scripts/build_bundled_model.py --output bundled/tiny-internvl-moe-reason --tasks colour shape count \
+        position motion find tally --max-new-tokens 64
+
+The second build adds the reasoning task `tally` to the fine-tuning mix: its rows are supervised on their whole
+reference completion (`solution`: the objects named in reading order, then the count and the letter), so the model
+writes several tokens of working before the answer and the routing of every generated token can change the reward.
+Validation counts a row as right when greedy decoding would reproduce its reference completion exactly (every
+supervised token is the argmax given the reference before it, EOS aside); for one-letter rows that is the first-token
+accuracy. The report then measures the share of prompts whose sampled-routing rollouts disagree in reward (the
+route sensitivity), per task.
 
 Two settings matter for the fine-tune to learn the multi-task problem at all (see `make_parser` and `dense_model`):
 weights start at std 0.1 and AdamW runs at 1e-3 with a warm-up. With transformers' default std 0.02 and lr 3e-3 every
@@ -40,7 +51,7 @@ import torch
 
 from trl_moe_grpo.analysis.accuracy import evaluate_accuracy
 from trl_moe_grpo.data_utils import calibration_batches, encode_conversations
-from trl_moe_grpo.demo.visual_mc import TASKS, accuracy_reward, parse_choice, visual_mc_rows
+from trl_moe_grpo.demo.visual_mc import ALL_TASKS, TASKS, accuracy_reward, visual_mc_rows
 from trl_moe_grpo.routing import RoutingController
 from trl_moe_grpo.testing import build_tiny_internvl_processor
 from trl_moe_grpo.upcycle import ExpertInit, upcycle
@@ -76,6 +87,19 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-test", type=int, default=128, help="held-out rows for the report")
     parser.add_argument("--num-rollouts", type=int, default=8, help="sampled-routing rollouts per prompt")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(TASKS),
+        choices=ALL_TASKS,
+        help="visual_mc tasks of the fine-tuning mix and the test rows (default: the quickstart's six)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=2,
+        help="tokens generated per test answer (a letter and EOS: 2; reasoning completions need ~64)",
+    )
     return parser
 
 
@@ -119,19 +143,28 @@ def dense_model(processor, seed: int):
     return InternVLForConditionalGeneration._from_config(config, dtype=torch.float32, attn_implementation="eager")
 
 
+def completion(row: dict) -> str:
+    """What a row is supervised on: its reference completion (`solution`, reasoning rows) or its answer letter."""
+    return row.get("solution", row["answer"])
+
+
 def supervised_batch(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Prompt + answer letter + EOS, left-padded; the loss is on the answer and the EOS only."""
+    """Prompt + completion + EOS, left-padded; the loss is on the completion and the EOS only."""
     from trl.data_utils import prepare_multimodal_messages
 
     conversations = [
         prepare_multimodal_messages(row["prompt"], images=row["images"])
-        + [{"role": "assistant", "content": row["answer"]}]
+        + [{"role": "assistant", "content": completion(row)}]
         for row in rows
     ]
     processor.tokenizer.padding_side = "left"
     inputs = encode_conversations(processor, conversations, add_generation_prompt=False)
     labels = torch.full_like(inputs["input_ids"], -100)
-    labels[:, -2:] = inputs["input_ids"][:, -2:]  # left padding: every row ends with "<answer><eos>"
+    for i, row in enumerate(rows):  # left padding: every row ends with "<completion><eos>"
+        target = processor.tokenizer(completion(row), add_special_tokens=False)["input_ids"]
+        length = len(target) + 1
+        assert inputs["input_ids"][i, -length:-1].tolist() == target, "the completion is not where it was expected"
+        labels[i, -length:] = inputs["input_ids"][i, -length:]
     return {**inputs, "labels": labels}
 
 
@@ -162,27 +195,33 @@ def select(data: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def answer_accuracy(model, data: dict[str, torch.Tensor], tasks: list[str]) -> dict[str, float]:
-    """Share of rows whose most likely first answer token is the answer: greedy decoding's first token, in one pass."""
+    """Share of rows whose greedy completion is exactly the reference (EOS aside), in one teacher-forced pass: every
+    supervised token is the most likely one given the reference before it. For a one-letter answer that is greedy
+    decoding's first token."""
     model.eval()
     hits = []
     for start in range(0, len(tasks), 128):
         batch = select(data, slice(start, start + 128))
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        hits.append(logits[:, -3].argmax(-1) == batch["input_ids"][:, -2])  # "...a:" predicts "<answer>"
+        # Position t predicts token t + 1; the last label (EOS) is left out, as it always was.
+        labels = batch["labels"][:, 1:-1]
+        right = (logits[:, :-2].argmax(-1) == labels) | (labels == -100)
+        hits.append(right.all(-1))
     model.train()
     hits = torch.cat(hits).float()
     accuracy = {"all": hits.mean().item()}
-    for task in TASKS:
+    for task in dict.fromkeys(tasks):
         accuracy[task] = hits[[i for i, t in enumerate(tasks) if t == task]].mean().item()
     return accuracy
 
 
 def fine_tune(model, processor, args) -> tuple[int, dict[str, float]]:
     """AdamW with a linear warm-up, until validation accuracy is clearly above chance on every task (or the cap)."""
-    train = encode_rows(processor, visual_mc_rows(args.num_train, seed=args.seed))
-    validation_rows = visual_mc_rows(256, seed=args.seed + VALIDATION_OFFSET)
+    tasks = tuple(args.tasks)
+    train = encode_rows(processor, visual_mc_rows(args.num_train, seed=args.seed, tasks=tasks))
+    validation_rows = visual_mc_rows(256, seed=args.seed + VALIDATION_OFFSET, tasks=tasks)
     validation = encode_rows(processor, validation_rows)
-    tasks = [row["task"] for row in validation_rows]
+    validation_tasks = [row["task"] for row in validation_rows]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
@@ -197,11 +236,11 @@ def fine_tune(model, processor, args) -> tuple[int, dict[str, float]]:
         optimizer.zero_grad()
         losses.append(loss.item())
         if step % args.eval_every == 0:
-            accuracy = answer_accuracy(model, validation, tasks)
+            accuracy = answer_accuracy(model, validation, validation_tasks)
             if step % (10 * args.eval_every) == 0:
                 mean_loss = sum(losses[-10 * args.eval_every :]) / (10 * args.eval_every)
                 print(f"sft step {step}: loss {mean_loss:.3f}, validation {fmt(accuracy)}", flush=True)
-            every_task = min(accuracy[task] for task in TASKS) >= args.min_task_accuracy
+            every_task = min(accuracy[task] for task in tasks) >= args.min_task_accuracy
             if (accuracy["all"] >= args.target_accuracy and every_task) or accuracy["all"] >= args.max_accuracy:
                 print(f"sft stopped at step {step}: validation {fmt(accuracy)}")
                 return step, accuracy
@@ -210,18 +249,26 @@ def fine_tune(model, processor, args) -> tuple[int, dict[str, float]]:
 
 
 @torch.no_grad()
-def sampled_routing_diversity(model, processor, rows: list[dict], num_rollouts: int, seed: int) -> dict[str, float]:
-    """Greedy answers of `num_rollouts` sampled-routing rollouts per prompt, as MoE-GRPO rolls out.
+def sampled_routing_diversity(
+    model, processor, rows: list[dict], num_rollouts: int, seed: int, max_new_tokens: int = 2
+) -> dict[str, float]:
+    """Greedy completions of `num_rollouts` sampled-routing rollouts per prompt, as MoE-GRPO rolls out, scored by the
+    visual_mc reward (`accuracy_reward`: the letter named, or for reasoning rows the final letter of the format).
 
-    Returns the share of prompts whose rollouts do not all give the same answer, the share with at least one correct
-    and one wrong answer (a non-zero reward std: a learning signal), and the mean accuracy of the rollouts.
+    Returns the share of prompts whose rollouts do not all commit to the same answer, the share with at least one
+    rewarded and one unrewarded rollout (`some_correct_some_wrong`: the **route sensitivity**, the prompts whose
+    group carries a learning signal), the share whose completions are not all the same text, and the mean reward of
+    the rollouts; with more than one task, the route sensitivity of each task too.
     """
+    from trl_moe_grpo.demo.visual_mc import REASONING_TASKS, parse_choice, parse_reasoning
+
     controller = RoutingController(model, vision_token_ids=[processor.tokenizer.context_image_token_id])
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     model.eval()
-    differ = mixed = correct = 0
+    differ, texts_differ, correct = 0, 0, 0.0
+    mixed: dict[str, list[bool]] = {}
     try:
         repeated = [row for row in rows for _ in range(num_rollouts)]
         batch_size = 16 * num_rollouts
@@ -230,25 +277,57 @@ def sampled_routing_diversity(model, processor, rows: list[dict], num_rollouts: 
         ):
             with controller.rollout("sample"):
                 generated = model.generate(
-                    **inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
                 )
             texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             chunk = repeated[start : start + batch_size]
             for i in range(0, len(chunk), num_rollouts):
-                answers = [parse_choice(text) for text in texts[i : i + num_rollouts]]
-                rewards = [answer == chunk[i]["answer"] for answer in answers]
-                differ += len(set(answers)) > 1
-                mixed += 0 < sum(rewards) < num_rollouts
+                row, group = chunk[i], texts[i : i + num_rollouts]
+                parse = parse_reasoning if row["task"] in REASONING_TASKS else parse_choice
+                rewards = accuracy_reward(
+                    group, answer=[row["answer"]] * num_rollouts, task=[row["task"]] * num_rollouts
+                )
+                differ += len({parse(text) for text in group}) > 1
+                texts_differ += len(set(group)) > 1
+                mixed.setdefault(row["task"], []).append(0 < sum(rewards) < num_rollouts)
                 correct += sum(rewards)
     finally:
         controller.remove()
-    return {
+    sensitive = [flag for flags in mixed.values() for flag in flags]
+    result = {
         "num_prompts": len(rows),
         "num_rollouts": num_rollouts,
         "answers_not_all_equal": differ / len(rows),
-        "some_correct_some_wrong": mixed / len(rows),
+        "some_correct_some_wrong": sum(sensitive) / len(rows),
         "rollout_accuracy": correct / (len(rows) * num_rollouts),
     }
+    if max_new_tokens > 2:  # completions of several tokens: the text can differ where the answer does not
+        result["completions_not_all_equal"] = texts_differ / len(rows)
+    if len(mixed) > 1:
+        result |= {f"some_correct_some_wrong/{task}": sum(flags) / len(flags) for task, flags in mixed.items()}
+    return result
+
+
+@torch.no_grad()
+def reasoning_format_rate(model, processor, rows: list[dict], max_new_tokens: int) -> float | None:
+    """Share of the reasoning rows whose greedy top-K completion has the reasoning format (`parse_reasoning`); None
+    without reasoning rows."""
+    from trl_moe_grpo.demo.visual_mc import REASONING_TASKS, parse_reasoning
+
+    rows = [row for row in rows if row["task"] in REASONING_TASKS]
+    if not rows:
+        return None
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    model.eval()
+    parsed = 0
+    for inputs in calibration_batches(processor, rows, 64):
+        generated = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        parsed += sum(parse_reasoning(text) is not None for text in texts)
+    return parsed / len(rows)
 
 
 def fmt(values: dict) -> str:
@@ -266,16 +345,16 @@ def upcycle_and_measure(dense_dir: str, output: Path, test: list[dict], args, no
         str(output),
         num_experts=args.num_experts,
         top_k=args.top_k,
-        init="noise",
-        noise_std=noise_std,
-        seed=args.seed,
+        init=ExpertInit("noise", noise_std=noise_std, seed=args.seed),
         overwrite=True,
         progress=False,
     )
     moe = AutoModelForImageTextToText.from_pretrained(output)
     processor = AutoProcessor.from_pretrained(output)
-    accuracy = evaluate_accuracy(moe, processor, test, accuracy_reward, max_new_tokens=2)
-    diversity = sampled_routing_diversity(moe, processor, test, args.num_rollouts, args.seed)
+    accuracy = evaluate_accuracy(moe, processor, test, accuracy_reward, max_new_tokens=args.max_new_tokens)
+    if (rate := reasoning_format_rate(moe, processor, test, args.max_new_tokens)) is not None:
+        accuracy["reasoning_format_rate"] = rate
+    diversity = sampled_routing_diversity(moe, processor, test, args.num_rollouts, args.seed, args.max_new_tokens)
     print(f"upcycled, noise_std {noise_std}: held-out test (greedy, top-K) {fmt(accuracy)}")
     print(f"  sampled routing, {args.num_rollouts} greedy rollouts per prompt: {fmt(diversity)}")
     return result, rounded(accuracy), rounded(diversity)
@@ -290,8 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     steps, validation = fine_tune(model, processor, args)
     sft_seconds = time.time() - start
 
-    test = visual_mc_rows(args.num_test, seed=args.seed + TEST_OFFSET)
-    dense = evaluate_accuracy(model, processor, test, accuracy_reward, max_new_tokens=2)
+    test = visual_mc_rows(args.num_test, seed=args.seed + TEST_OFFSET, tasks=tuple(args.tasks))
+    dense = evaluate_accuracy(model, processor, test, accuracy_reward, max_new_tokens=args.max_new_tokens)
+    if (rate := reasoning_format_rate(model, processor, test, args.max_new_tokens)) is not None:
+        dense["reasoning_format_rate"] = rate
     print(f"dense model, held-out test (greedy, {len(test)} rows): {fmt(dense)}")
 
     output = Path(args.output)
@@ -307,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {
         "seed": args.seed,
+        "tasks": list(args.tasks),
+        "max_new_tokens": args.max_new_tokens,
         "sft": {
             "steps": steps,
             "batch_size": args.batch_size,

@@ -82,3 +82,18 @@ def colour_rows(n: int) -> list[dict]:
 
 def first_letter_reward(completions, answer, **kwargs):
     return [1.0 if c[0]["content"][:1] == a else 0.0 for c, a in zip(completions, answer)]
+
+
+def group_rows(dataset, num_prompts: int, group: int) -> list[dict]:
+    """Rows as TRL's sampler hands them to generation: each prompt repeated `group` times in a row."""
+    return [dataset[i] for i in range(num_prompts) for _ in range(group)]
+
+
+def spread_reward(completions, **kwargs):
+    """Rewards 0, 1, 0, 1, ... in batch order, whatever the completions say.
+
+    TRL's sampler puts each prompt's G rollouts in consecutive rows, so with G even every group has reward spread and
+    every advantage is non-zero. For tests that need a learning signal through `train()`, where advantages cannot be
+    fixed by hand: whether a tiny random model's rollouts happen to differ in a content reward depends on the draw.
+    """
+    return [float(i % 2) for i in range(len(completions))]

@@ -64,7 +64,8 @@ def distinct_in_range(indices: torch.Tensor, num_experts: int) -> bool:
 @PROPERTY_SETTINGS
 @given(routing_problems(), st.sampled_from([0.25, 0.5, 1.0, 1.3, 2.0, 4.0]))
 def test_expert_choice_matches_a_per_expert_reference(problem, capacity_factor):
-    """Each expert takes its top-C non-padding tokens; the [rows, K] layout keeps every choice up to K, best first."""
+    """Each expert takes its top-C non-padding tokens, so its load is exactly C; a token keeps every expert that took
+    it (0..N of them), best first, in a layout as wide as the token with the most."""
     log_probs, token_mask, top_k = problem
     rows, num_experts = log_probs.shape
     result = expert_choice(log_probs, top_k, capacity_factor, token_mask)
@@ -72,30 +73,36 @@ def test_expert_choice_matches_a_per_expert_reference(problem, capacity_factor):
 
     exact_factor = Fraction(capacity_factor).limit_denominator(100)
     assert result.capacity == min(tokens, math.ceil(exact_factor * tokens * top_k / num_experts))
-    assert result.indices.shape == (rows, top_k) and result.indices.dtype == torch.int64
+    chosen = reference_choices(log_probs, token_mask, result.capacity)
+    width = max(1, int(chosen.sum(-1).max()))
+    assert result.indices.shape == (rows, width) and result.indices.dtype == torch.int64
     assert distinct_in_range(result.indices, num_experts)
 
-    chosen = reference_choices(log_probs, token_mask, result.capacity)
     assert torch.equal(result.num_choices, chosen.sum(-1))
-    assert int(result.num_choices.sum()) == num_experts * result.capacity  # every expert filled its capacity
-    # Active slots form a prefix and number min(choices, K); padding rows have none.
-    prefix = torch.arange(top_k) < result.active.sum(-1, keepdim=True)
+    # Every expert's load is exactly its capacity (no expert has fewer than C non-padding tokens to pick from).
+    assert torch.equal(chosen.sum(0), torch.full((num_experts,), result.capacity))
+    # Active slots form a prefix as long as the token's number of choices; padding rows have none.
+    prefix = torch.arange(width) < result.num_choices[:, None]
     assert torch.equal(result.active, prefix)
-    assert torch.equal(result.active.sum(-1), result.num_choices.clamp(max=top_k))
     assert not bool(result.active[~token_mask].any()) and not bool(result.num_choices[~token_mask].any())
-    # Each expert is active on at most C (non-padding) tokens.
     load = torch.zeros(num_experts, dtype=torch.long).scatter_add_(
         0, result.indices[result.active], torch.ones(int(result.active.sum()), dtype=torch.long)
     )
-    assert int(load.max()) <= result.capacity
+    assert torch.equal(load, chosen.sum(0))
     for row in token_mask.nonzero().flatten().tolist():
-        active = set(result.indices[row][result.active[row]].tolist())
-        choices = chosen[row].nonzero().flatten()
-        if len(choices) <= top_k:
-            assert active == set(choices.tolist())
-        else:  # truncated: the K most probable of the experts that chose it
-            best = choices[log_probs[row, choices].argsort(descending=True)[:top_k]]
-            assert active == set(best.tolist())
+        active = result.indices[row][result.active[row]]
+        assert set(active.tolist()) == set(chosen[row].nonzero().flatten().tolist())
+        assert bool((log_probs[row, active].diff() <= 0).all()), "choices are not best first"
+
+
+def test_expert_choice_gives_tokens_zero_to_many_experts():
+    """One token every expert prefers takes all of them; the others share what is left, some get none."""
+    log_probs = torch.log_softmax(torch.randn(12, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    log_probs[3] = 0.0  # the best token of every expert
+    result = expert_choice(log_probs, top_k=1, capacity_factor=1.0)  # C = 3
+    assert result.capacity == 3 and result.indices.shape == (12, 4)
+    assert int(result.num_choices[3]) == 4 and bool(result.active[3].all())
+    assert int(result.num_choices.min()) == 0 and int(result.num_choices.sum()) == 12
 
 
 @pytest.mark.parametrize(
@@ -220,7 +227,8 @@ def test_token_choice_modes_dispatch_valid_sets_that_differ_from_top_k(mode):
     model, controller = build()
     input_ids, attention_mask = batch(rows=4, length=10)
     seen = watch_router_outputs(model, controller)
-    with controller.training_routing(mode) as routes, torch.no_grad():
+    # Noise of std 1 on the logits (the default is V-MoE's 1 / num_experts), so the noisy routes differ often.
+    with controller.training_routing(mode, noise_std=1.0) as routes, torch.no_grad():
         model(input_ids=input_ids, attention_mask=attention_mask)
     valid = attention_mask.reshape(-1).bool()
     for layer, capture in enumerate(routes.captures()):
@@ -231,44 +239,94 @@ def test_token_choice_modes_dispatch_valid_sets_that_differ_from_top_k(mode):
         assert torch.equal(indices[~valid], capture.top_k[~valid])
         assert bool(capture.active.all()) and bool((capture.num_choices == TOP_K).all())
         adapter = controller.adapters[layer]
-        torch.testing.assert_close(weights, adapter.mixing_weights(capture.logits, indices, like=weights))
+        # V-MoE's noisy softmax: the mixing weights come from the noisy logits that chose the experts.
+        assert (capture.logit_noise is not None) == (mode == "noise")
+        logits = capture.logits if capture.logit_noise is None else capture.logits + capture.logit_noise
+        if mode == "noise":
+            assert torch.equal(indices[valid], adapter.selection_log_probs(logits).topk(TOP_K).indices[valid])
+        expected = adapter.mixing_weights(logits, indices, like=weights)
+        torch.testing.assert_close(weights[valid], expected[valid])
 
 
-def test_expert_choice_through_the_controller():
-    """Capacity per expert over non-padding tokens; weight exactly 0 on placeholders, the router rule elsewhere."""
+@pytest.mark.parametrize("noisy_mixing_weights", [True, False])
+def test_noise_routing_follows_v_moe(noisy_mixing_weights):
+    """Default std 1 / num_experts on the logits; the weights are the noisy softmax's unless asked otherwise."""
     model, controller = build()
     input_ids, attention_mask = batch(rows=4, length=10)
     seen = watch_router_outputs(model, controller)
-    factor = 0.75
+    with torch.no_grad(), controller.training_routing("noise", noisy_mixing_weights=noisy_mixing_weights) as routes:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    valid = attention_mask.reshape(-1).bool()
+    for layer, capture in enumerate(routes.captures()):
+        ((weights, indices),) = seen[layer]
+        noise_free = controller.adapters[layer].mixing_weights(capture.logits, indices, like=weights)
+        if noisy_mixing_weights:
+            noise = capture.logit_noise[valid]
+            assert abs(float(noise.std()) - 1 / EXPERTS) < 0.3 / EXPERTS  # V-MoE's std, 1/8 here
+            assert not torch.allclose(weights[valid], noise_free[valid])
+        else:
+            assert capture.logit_noise is None
+            torch.testing.assert_close(weights[valid], noise_free[valid])
+
+
+@pytest.mark.parametrize("factor", [0.75, 2.0])
+def test_expert_choice_through_the_controller(factor):
+    """Loads equal the capacity; a token takes 0..N experts, each weighted by the token's gate probability (Zhou et
+    al.); placeholder slots and padding weigh exactly 0. The kernels get as many slots as the busiest token."""
+    model, controller = build()
+    input_ids, attention_mask = batch(rows=4, length=10)
+    seen = watch_router_outputs(model, controller)
     with controller.training_routing("expert_choice", capacity_factor=factor) as routes, torch.no_grad():
         model(input_ids=input_ids, attention_mask=attention_mask)
     valid = attention_mask.reshape(-1).bool()
     capacity = expert_capacity(int(valid.sum()), TOP_K, EXPERTS, factor)
-    dropped = 0
+    dropped = crowded = 0
     for layer, capture in enumerate(routes.captures()):
         ((weights, indices),) = seen[layer]
+        assert torch.equal(indices, capture.dispatched) and weights.shape == indices.shape
+        assert indices.shape[1] == int(capture.num_choices.max())
         assert distinct_in_range(indices, EXPERTS)
         assert not bool(capture.num_choices[~valid].any()), "a padding token was chosen"
-        assert torch.equal(indices[~valid], capture.top_k[~valid])  # padding keeps the stock routing
-        active = capture.active & valid[:, None]
-        load = torch.bincount(indices[active], minlength=EXPERTS)
-        assert int(load.max()) <= capacity
+        assert not bool(capture.active[~valid].any()) and bool((weights[~valid] == 0).all())
+        load = torch.bincount(indices[capture.active], minlength=EXPERTS)
+        assert torch.equal(load, torch.full((EXPERTS,), capacity))
+        assert torch.equal(capture.active.sum(-1), capture.num_choices)
         inactive = ~capture.active
         assert bool(inactive.any()), "no placeholder slot: the test would not check anything"
         assert bool((weights[inactive] == 0).all())
+        gate_probs = controller.adapters[layer].selection_log_probs(capture.logits).exp().gather(-1, indices)
+        torch.testing.assert_close(weights[capture.active], gate_probs[capture.active])
         dropped += int((valid & (capture.num_choices == 0)).sum())
-        adapter = controller.adapters[layer]
-        for row in valid.nonzero().flatten().tolist():
-            size = int(capture.active[row].sum())
-            if size:
-                expected = adapter.mixing_weights(
-                    capture.logits[row : row + 1], indices[row : row + 1, :size], weights
-                )
-                torch.testing.assert_close(weights[row, :size], expected[0])
-                torch.testing.assert_close(weights[row].sum(), torch.tensor(1.0))  # Qwen3: renormalized over the set
-            else:
-                assert bool((weights[row] == 0).all())
-    assert dropped > 0, "with capacity factor 0.75 some token should be taken by no expert"
+        crowded += int((capture.num_choices > TOP_K).sum())
+    if factor < 1:
+        assert dropped > 0, "with capacity factor 0.75 some token should be taken by no expert"
+    else:
+        assert crowded > 0, "with capacity factor 2 some token should be taken by more than top_k experts"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_expert_choice_mixture_is_what_the_experts_compute(family):
+    """The kernels read the widened layout: each token's MoE output is the sum, over the experts that chose it, of its
+    gate probability times that expert's own output (computed here one expert and one token at a time)."""
+    model, controller = build(family)
+    input_ids, attention_mask = batch(rows=2, length=6)
+    experts = next(m for name, m in model.named_modules() if name.endswith("mlp.experts"))
+    seen = []
+    experts.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+    with controller.training_routing("expert_choice", capacity_factor=2.0) as routes, torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    capture = routes.captures()[0]
+    assert capture.dispatched.shape[1] > TOP_K
+    (hidden, mixed), probs = seen[0], controller.adapters[0].selection_log_probs(capture.logits).exp()
+    with torch.no_grad():
+        for row in range(hidden.shape[0]):
+            expected = torch.zeros_like(mixed[row])
+            for slot in capture.active[row].nonzero().flatten().tolist():
+                expert = capture.dispatched[row, slot]
+                one = torch.tensor([[int(expert)]])
+                alone = experts(hidden[row : row + 1], one, torch.ones(1, 1, dtype=hidden.dtype))[0]
+                expected += probs[row, expert] * alone
+            torch.testing.assert_close(mixed[row], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)

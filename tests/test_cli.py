@@ -31,10 +31,17 @@ FAILURES = {
         lambda tmp: ["calibrate", "m", "--dataset", "d", "--mask-ratio", "1.5", "--output", str(tmp / "s.json")],
         "--mask-ratio must be in [0, 1)",
     ),
-    "analyze": (lambda tmp: ["analyze", str(tmp / "missing.json")], "Cannot read modality statistics"),
-    "analyze-routing": (
-        lambda tmp: ["analyze-routing", "m", "--dataset", "visual_mc", "--num-samples", "0"],
+    "show-modality-stats": (
+        lambda tmp: ["show-modality-stats", str(tmp / "missing.json")],
+        "Cannot read modality statistics",
+    ),
+    "measure-routing": (
+        lambda tmp: ["measure-routing", "m", "--dataset", "visual_mc", "--num-samples", "0"],
         "--num-samples and --batch-size must be at least 1",
+    ),
+    "probe-routing": (
+        lambda tmp: ["probe-routing", "m", "--dataset", "d", "--reward", "no_such_reward"],
+        "Unknown reward function 'no_such_reward'",
     ),
     "upcycle": (lambda tmp: ["upcycle", "--preset", "nope", "--dry-run"], "internvl3_5-1b"),
     "evaluate-clip": (
@@ -74,7 +81,7 @@ def test_errors_are_one_line_with_exit_code_2(command, tmp_path, capsys):
     assert reported[0].startswith(f"trl-moe-grpo {command}: error: ") and fragment in reported[0]
 
 
-def test_analyze_reads_a_statistics_file(tmp_path, capsys):
+def test_show_modality_stats_reads_a_statistics_file(tmp_path, capsys):
     """The happy path still prints (the error handling wraps the command, it does not swallow output)."""
     import torch
 
@@ -84,8 +91,42 @@ def test_analyze_reads_a_statistics_file(tmp_path, capsys):
     model = {"architecture": "X", "num_layers": 2, "num_experts": 4, "top_k": 2, "router_layers": ["a", "b"]}
     path = tmp_path / "stats.json"
     ModalityStatistics(counts=counts, model=model, num_samples=2).save(path, 0.25)
-    assert main(["analyze", str(path)]) == 0
+    assert main(["show-modality-stats", str(path)]) == 0
     assert "layer" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize(("old", "new"), [("analyze", "show-modality-stats"), ("analyze-routing", "measure-routing")])
+def test_old_command_names_still_run_with_a_one_line_deprecation_note(old, new, tmp_path, capsys):
+    """The renamed commands keep their old names for one release: same arguments, same run, one note on stderr."""
+    import torch
+
+    from trl_moe_grpo.guidance import ModalityStatistics
+
+    if old == "analyze":
+        path = tmp_path / "stats.json"
+        counts = torch.tensor([[[3, 1, 0, 0], [0, 0, 2, 2]]])
+        model = {"architecture": "X", "num_layers": 1, "num_experts": 4, "top_k": 2, "router_layers": ["a"]}
+        ModalityStatistics(counts=counts, model=model, num_samples=2).save(path, 0.25)
+        argv = [str(path)]
+    else:  # fails in the command's own checks, after the note
+        argv = ["m", "--dataset", "d", "--num-samples", "0"]
+    new_code = main([new, *argv])
+    new_out, new_err = capsys.readouterr()
+    assert main([old, *argv]) == new_code
+    out, err = capsys.readouterr()
+    note = f"trl-moe-grpo: `{old}` is deprecated and will be removed in the next release; use `{new}`"
+    assert out == new_out and err.startswith(note) and err.splitlines()[1:] == new_err.splitlines()
+    assert old not in new_err
+
+
+def test_the_two_routing_views_say_how_they_differ():
+    """`show-modality-stats` reads a file and runs no model; `measure-routing` runs models: each help says so and
+    names the other."""
+    helps = {command.name: command.help for command in build_commands()}
+    assert "no model runs" in helps["show-modality-stats"] and "`measure-routing`" in helps["show-modality-stats"]
+    assert (
+        helps["measure-routing"].startswith("Run MoE models") and "`show-modality-stats`" in helps["measure-routing"]
+    )
 
 
 def test_max_shard_size_default_is_the_apis():

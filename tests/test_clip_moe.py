@@ -18,6 +18,7 @@ from trl_moe_grpo.clip_moe import CLIPMoeModel, CLIPMoeTopKRouter, upcycle_clip_
 from trl_moe_grpo.routing import find_routers
 from trl_moe_grpo.routing.adapters import SoftmaxTopKAdapter
 from trl_moe_grpo.testing.clip import tiny_clip, tiny_clip_moe
+from trl_moe_grpo.upcycle import ExpertInit
 
 torch.set_num_threads(1)
 
@@ -29,7 +30,7 @@ def dense():
 
 @pytest.fixture(scope="module")
 def moe():
-    return tiny_clip_moe(seed=0, num_experts=4, top_k=2, noise_std=0.5)
+    return tiny_clip_moe(seed=0, num_experts=4, top_k=2, init=ExpertInit("noise", noise_std=0.5))
 
 
 def images(batch: int, seed: int = 0) -> torch.Tensor:
@@ -137,7 +138,7 @@ def test_copy_upcycling_preserves_image_embeddings(dense):
             moe.get_text_features(input_ids=text).pooler_output, model.get_text_features(input_ids=text).pooler_output
         )
     for init in ("noise", "drop"):
-        other = upcycle_clip_model(model, num_experts=4, top_k=2, init=init, noise_std=0.3).eval()
+        other = upcycle_clip_model(model, num_experts=4, top_k=2, init=ExpertInit(init, noise_std=0.3)).eval()
         assert (embeds(other, pixels) - embeds(model, pixels)).abs().max() > 1e-3, init
 
 
@@ -146,7 +147,7 @@ def test_drop_upcycling_redraws_the_same_neurons_in_both_matrices_and_the_bias(d
     source = model.vision_model.encoder.layers[0].mlp
     with torch.no_grad():  # CLIP initializes biases to 0; give them a spread so redrawn ones differ
         source.fc1.bias.normal_(generator=torch.Generator().manual_seed(0))
-    moe = upcycle_clip_model(model, num_experts=4, top_k=2, init="drop", drop_ratio=0.25)
+    moe = upcycle_clip_model(model, num_experts=4, top_k=2, init=ExpertInit("drop", drop_ratio=0.25))
     experts = moe.vision_model.encoder.layers[0].mlp.experts
     for e in range(4):
         rows = (experts.fc1[e] != source.fc1.weight).any(-1)
@@ -162,6 +163,10 @@ def test_upcycling_refuses_what_it_cannot_convert(dense, moe):
         upcycle_clip_model(moe[0])
     with pytest.raises(MoEGRPOError, match="at least 2 experts"):
         upcycle_clip_model(dense[0], num_experts=1, top_k=1)
+    with pytest.raises(MoEGRPOError, match="trains on image-caption pairs.*upcycle_clip"):
+        upcycle_clip_model(dense[0], init="multiplet")
+    with pytest.raises(MoEGRPOError, match="`init` is an `ExpertInit` or the name of a kind"):
+        upcycle_clip_model(dense[0], init=None)
     with pytest.raises(MoEGRPOError, match="no CLIP-MoE vision encoder"):
         vision_encoder(dense[0])
 
@@ -200,7 +205,9 @@ def test_upcycle_command_converts_a_clip(dense, tmp_path, capsys):
 def test_upcycling_seed_changes_the_experts_and_routers(dense):
     """Each seed of the miniature upcycles its own CLIP-MoE (the expert noise and routers follow `seed`)."""
     model = dense[0]
-    first, again, other = (upcycle_clip_model(model, 4, 2, "noise", noise_std=0.3, seed=s) for s in (0, 0, 1))
+    first, again, other = (
+        upcycle_clip_model(model, 4, 2, ExpertInit("noise", noise_std=0.3, seed=s)) for s in (0, 0, 1)
+    )
     experts = [m.vision_model.encoder.layers[0].mlp for m in (first, again, other)]
     assert torch.equal(experts[0].experts.fc1, experts[1].experts.fc1)
     assert not torch.equal(experts[0].experts.fc1, experts[2].experts.fc1)

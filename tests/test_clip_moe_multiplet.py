@@ -7,9 +7,10 @@ from datasets import Dataset
 from transformers import AutoModel
 
 from trl_moe_grpo.cli import main
+from trl_moe_grpo.clip_moe.contrastive import tokenize_captions
 from trl_moe_grpo.clip_moe.images import caption_pairs
 from trl_moe_grpo.clip_moe.multiplet import diversified_multiplet_upcycle, group_batches, kmeans
-from trl_moe_grpo.testing.clip import tiny_clip
+from trl_moe_grpo.testing.clip import MAX_TEXT_LENGTH, tiny_clip
 
 torch.set_num_threads(1)
 
@@ -53,6 +54,23 @@ def test_experts_are_the_mcl_stages_mlps():
     for name, value in moe.state_dict().items():
         if name in dense_state:
             assert torch.equal(value, dense_state[name]), name
+
+
+def test_multiplet_upcycle_takes_captions_longer_than_the_text_tower():
+    """Captions are cut to the text tower's position table (12 in the tiny CLIP), even under a tokenizer without a
+    length limit of its own; untruncated they failed with `Unable to create tensor`."""
+    dense, tokenizer, image_processor = tiny_clip(seed=0, num_hidden_layers=2)
+    tokenizer.model_max_length = int(1e30)  # what tokenizers with no limit say
+    images, captions = caption_pairs(64, seed=7)
+    long = [" ".join([caption] * 4) for caption in captions]
+    assert min(len(ids) for ids in tokenizer(long).input_ids) > MAX_TEXT_LENGTH
+    assert tokenize_captions(tokenizer, long, dense)["input_ids"].shape == (64, MAX_TEXT_LENGTH)
+    moe, report = diversified_multiplet_upcycle(
+        dense, tokenizer, image_processor, images, long, num_experts=2, top_k=1, batch_size=8, seed=0
+    )
+    assert len(report.groups) == 1 and report.router_steps > 0
+    experts = moe.vision_model.encoder.layers[0].mlp.experts
+    assert not torch.equal(experts.fc1[0], experts.fc1[1])  # the second stage trained on the long captions
 
 
 def test_upcycle_command_multiplet(tmp_path, capsys):

@@ -17,6 +17,7 @@ from trl_moe_grpo.clip_moe.images import classification_dataset
 from trl_moe_grpo.clip_moe.rewards import classification_rewards, group_advantages
 from trl_moe_grpo.clip_moe.trainer import CLIPDetFTTrainer, CLIPMoEGRPOTrainer
 from trl_moe_grpo.testing.clip import tiny_clip_moe
+from trl_moe_grpo.upcycle import ExpertInit
 
 torch.set_num_threads(1)
 
@@ -27,7 +28,7 @@ def shapes():
 
 
 def fresh_moe(noise_std: float = 0.5):
-    return tiny_clip_moe(seed=0, num_experts=4, top_k=2, noise_std=noise_std)
+    return tiny_clip_moe(seed=0, num_experts=4, top_k=2, init=ExpertInit("noise", noise_std=noise_std))
 
 
 def config(cls, tmp_path, **overrides):
@@ -227,3 +228,43 @@ def test_clip_tables_smoke_runs_every_arm(tmp_path):
         assert set(accuracy) == {"shapes", "digits", "patterns", "arrows", "colors", "shapes-sketch",
                                  "shapes-inverted", "shapes-noisy", "shapes-rotated"}  # fmt: skip
         assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+ROUTING_SETTINGS = (
+    "train_routing", "routing_noise_std", "noisy_mixing_weights", "expert_capacity_factor", "sinkhorn_iterations"
+)  # fmt: skip
+
+
+def test_det_ft_routing_settings_are_those_of_moe_sft_and_reach_the_controller(shapes, tmp_path):
+    """Noise std and mixing, capacity factor and Sinkhorn iterations: MoESFTConfig's names, defaults and checks, and
+    the training forward routes with them (evaluation with plain top-K)."""
+    import dataclasses
+
+    from trl_moe_grpo import MoESFTConfig
+
+    defaults = {cls: {f.name: f.default for f in dataclasses.fields(cls)} for cls in (CLIPDetFTConfig, MoESFTConfig)}
+    assert all(defaults[CLIPDetFTConfig][name] == defaults[MoESFTConfig][name] for name in ROUTING_SETTINGS)
+    for name, bad in (("routing_noise_std", 0.0), ("expert_capacity_factor", 0.0), ("sinkhorn_iterations", 0)):
+        with pytest.raises(MoEGRPOError, match=name):
+            config(CLIPDetFTConfig, tmp_path, **{name: bad})
+
+    model, tokenizer, image_processor = fresh_moe()
+    settings = dict(routing_noise_std=0.25, expert_capacity_factor=2.0, sinkhorn_iterations=5)
+    args = config(CLIPDetFTConfig, tmp_path, train_routing="noise", **settings)
+    trainer = CLIPDetFTTrainer(model, args, shapes, tokenizer=tokenizer, image_processor=image_processor)
+    opened = []
+    real = trainer.routing.training_routing
+
+    def recording(*pargs, **kwargs):  # the real context, with its arguments kept
+        opened.append(kwargs)
+        return real(*pargs, **kwargs)
+
+    trainer.routing.training_routing = recording
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    trainer.compute_loss(model, batch)
+    model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+    expected = dict(noise_std=0.25, noisy_mixing_weights=True, capacity_factor=2.0, sinkhorn_iterations=5)
+    assert opened == [{"mode": "noise", **expected}, {"mode": "topk", **expected}]

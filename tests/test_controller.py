@@ -602,3 +602,16 @@ def test_state_is_cleared_after_an_exception(where):
     with pytest.raises(MoEGRPOError):
         controller.captures()
     assert torch.equal(sample_trace(model, controller, input_ids)[0], trace), "the controller is not usable again"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_top_k_above_the_number_of_experts_is_refused_at_construction(family):
+    """transformers' routers would fail only at the first forward (`selected index k out of range`)."""
+    from trl_moe_grpo.testing import tiny_moe_config
+
+    model = tiny_moe_model(family, config=tiny_moe_config(family, num_experts_per_tok=EXPERTS + 1))
+    with pytest.raises(RuntimeError, match="out of range"):  # the failure the check replaces
+        logits_of(model, random_ids())
+    with pytest.raises(MoEGRPOError, match=r"top_k=9 of num_experts=8.*num_experts_per_tok"):
+        RoutingController(model)
+    RoutingController(tiny_moe_model(family, config=tiny_moe_config(family, num_experts_per_tok=EXPERTS)))

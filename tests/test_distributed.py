@@ -164,3 +164,22 @@ def test_deepspeed_zero3_two_processes(tiny_model, visual_mc_folder, tmp_path):
 
     _, loading = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(loading.values()), loading
+
+
+def test_ddp_reward_signal_levers_with_groups_split_over_the_ranks(tiny_model, visual_mc_folder, tmp_path):
+    """The levers of `docs/design.md` §8 on 2 ranks with 4 rows each, so each group of 8 rollouts is split over both
+    ranks: the reward spread comes from the rewards gathered over both, each rank slices its own rows, and every rank
+    makes the same number of regeneration attempts (a rank making one more would hang in the rewards' gather)."""
+    levers = [
+        "--per_device_train_batch_size", "4", "--zero_spread_groups", "exclude_from_normalizer",
+        "--regenerate_zero_spread_groups", "2", "--rollout_routing_temperature", "2.0",
+        "--router_entropy_coef", "0.01", "--router_warmup_steps", "1",
+    ]  # fmt: skip
+    output = launch("multi_process.yaml", tiny_model, visual_mc_folder, tmp_path, "--report", "false", *levers)
+    assert_two_ranks(run_info(tmp_path, output), "MULTI_CPU", "DistributedDataParallel", None)
+    assert_trained(output)
+    logs = [ast.literal_eval(match) for match in re.findall(r"\{'loss': [^{}]*\}", output)]
+    for log in logs:
+        assert 0.0 <= float(log["routing/reward_spread_share"]) <= 1.0, log
+        assert float(log["routing/regeneration_attempts"]) in (0.0, 1.0, 2.0), log
+        assert math.isfinite(float(log["gate/entropy"])), log

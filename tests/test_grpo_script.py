@@ -221,6 +221,22 @@ def test_report_comes_from_the_trainers_evaluations_and_reaches_tensorboard(tiny
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
+def test_report_of_a_run_shorter_than_logging_steps_says_no_step_was_logged(tiny_model, tmp_path, capsys):
+    """max_steps < logging_steps logs no training reward: the report says so (and how to fix it) instead of drawing
+    empty axes, and still writes every file it promises."""
+    folder = tmp_path / "data"
+    write_jsonl(folder / "train.jsonl", 8)
+    write_jsonl(folder / "test.jsonl", 4, offset=100)
+    recipe = write_recipe(tmp_path, tiny_model, folder, "report: true\nper_device_eval_batch_size: 4\n")
+    report = train("--config", str(recipe), "--max_steps", "1", "--logging_steps", "5")
+    note = "no training step was logged (max_steps=1 < logging_steps=5): lower `logging_steps`"
+    assert report["rewards"] == [] and report["rewards_note"].startswith(note)
+    assert f"training reward: {note}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["rewards_note"] == report["rewards_note"]
+    for name in ("reward_curve.png", "expert_utilization.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
 def test_4bit_loading_is_rejected_without_cuda(tiny_model, tmp_path):
     """bitsandbytes quantizes on CUDA only: on CPU `load_in_4bit` is an error, not silently ignored."""
     recipe = write_recipe(tmp_path, tiny_model, write_jsonl(tmp_path / "data.jsonl", 8), "load_in_4bit: true\n")

@@ -71,6 +71,22 @@ def test_file_round_trip_is_json(tmp_path):
     assert torch.equal(loaded.counts, stats.counts) and loaded.model == stats.model
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5])
+def test_file_round_trip_keeps_the_mask_ratio(tmp_path, ratio):
+    """`load` keeps the P `save` wrote: saving again without a ratio writes the same file, masks the same experts."""
+    stats = stats_from(text=[0, 2, 4, 4, 1, 7, 3, 5], vision=[6, 3, 1, 0, 2, 2, 9, 4])
+    stats.extra = {"dataset": "visual_mc"}
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    stats.save(first, ratio)
+    loaded = ModalityStatistics.load(first)
+    assert loaded.mask_ratio == ratio and loaded.extra == {"dataset": "visual_mc"}
+    assert torch.equal(loaded.masks(), stats.masks(ratio))
+    loaded.save(second)
+    assert json.loads(second.read_text()) == json.loads(first.read_text())
+    with pytest.raises(MoEGRPOError, match="mask_ratio="):
+        stats.masks()  # built in memory, never saved: no ratio to fall back on
+
+
 def test_malformed_or_foreign_files_are_refused(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

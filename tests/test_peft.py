@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import digit_share, make_config
+from conftest import digit_share, make_config, spread_reward
 from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors import safe_open
 
@@ -24,7 +24,7 @@ def peft_trainer(tmp_path, tokenizer, dataset, model=None, **kwargs):
     config = {"beta": 0.1, "num_iterations": 2, **kwargs.pop("config", {})}
     return MoEGRPOTrainer(
         model if model is not None else tiny_moe_model("qwen3_moe", seed=6),
-        digit_share,
+        kwargs.pop("reward", digit_share),
         args=make_config(tmp_path, **config),
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -78,7 +78,12 @@ def test_lora_trains_the_routers(tmp_path, tokenizer, dataset):
     """A LoRA on the attention only: the trainer adds the routers, which get gradients, move, and are saved."""
     users_config = lora()
     trainer = peft_trainer(
-        tmp_path, tokenizer, dataset, peft_config=users_config, config={"max_steps": 2, "num_iterations": 1}
+        tmp_path,
+        tokenizer,
+        dataset,
+        peft_config=users_config,
+        config={"max_steps": 2, "num_iterations": 1},
+        reward=spread_reward,  # every group carries a learning signal, whatever this random model writes
     )
     assert users_config.target_parameters in (None, [])  # the user's config is not changed
     routers = dict(

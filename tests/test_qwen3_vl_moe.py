@@ -204,7 +204,7 @@ def test_trainer_forward_replays_generation(tmp_path, processor, padding_side):
     generation_log_probs = generation_log_probs.gather(-1, completions[..., None])[..., 0]
     forward_kwargs = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "num_images")}
     with torch.no_grad(), trainer._routing_step():
-        trainer._batch_routes = batch["routed_experts"]
+        trainer._replay.set_trace(batch["routed_experts"])
         log_probs, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model,
             torch.cat([batch["prompt_ids"], completions], 1),

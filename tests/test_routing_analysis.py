@@ -1,4 +1,4 @@
-"""Routing analysis: the measures by hand, their bounds, padding, and `trl-moe-grpo analyze-routing` end to end."""
+"""Routing analysis: the measures by hand, their bounds, padding, and `trl-moe-grpo measure-routing` end to end."""
 
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def test_plotting_stays_optional():
 import sys
 sys.modules["matplotlib"] = None  # as if not installed: importing it raises ImportError
 import trl_moe_grpo, trl_moe_grpo.analysis.routing, trl_moe_grpo.trainer.callbacks
-import trl_moe_grpo.commands.analyze_routing
+import trl_moe_grpo.commands.measure_routing
 from trl_moe_grpo.analysis.plots import has_matplotlib, pyplot
 from trl_moe_grpo import MoEGRPOError
 try:
@@ -282,7 +282,7 @@ def saved(tmp_path_factory):
 
 def test_command_compares_two_models_and_writes_json_and_figures(saved, capsys):
     output = saved / "report"
-    argv = ["analyze-routing", str(saved / "before"), str(saved / "after"), "--dataset", str(saved / "data")]
+    argv = ["measure-routing", str(saved / "before"), str(saved / "after"), "--dataset", str(saved / "data")]
     argv += ["--num-samples", "8", "--batch-size", "4", "--output-dir", str(output)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -311,18 +311,91 @@ def error_line(err: str) -> str:
     """The command's one error line (weight-loading progress bars may come before it on stderr)."""
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and err.endswith(lines[0] + "\n")
-    assert lines[0].startswith("trl-moe-grpo analyze-routing: error: ")
+    assert lines[0].startswith("trl-moe-grpo measure-routing: error: ")
     return lines[0]
 
 
 def test_errors_are_one_line_and_exit_code_2(saved, tmp_path, capsys):
     dataset = ["--dataset", str(saved / "data"), "--num-samples", "2"]
-    assert main(["analyze-routing", str(saved / "dense"), *dataset]) == 2
+    assert main(["measure-routing", str(saved / "dense"), *dataset]) == 2
     assert "no Mixture-of-Experts router" in error_line(capsys.readouterr().err)
 
-    assert main(["analyze-routing", str(saved / "before"), "--dataset", str(tmp_path / "missing.json")]) == 2
+    assert main(["measure-routing", str(saved / "before"), "--dataset", str(tmp_path / "missing.json")]) == 2
     assert "Cannot load split 'train' of dataset" in error_line(capsys.readouterr().err)
 
     (tmp_path / "empty").mkdir()
-    assert main(["analyze-routing", str(tmp_path / "empty"), *dataset]) == 2
+    assert main(["measure-routing", str(tmp_path / "empty"), *dataset]) == 2
     assert "Cannot load model" in error_line(capsys.readouterr().err)
+
+
+def test_text_and_vision_measures_split_the_counts(processor, rows):
+    """Per modality: the text and vision counts add up to the total, each modality's sequence entropy is the entropy of
+    its own tokens' selections, JSD comes in nats and bits, and the table and JSON name them."""
+    from trl_moe_grpo.analysis.measures import NATS_PER_BIT, modality_token_mask
+
+    model = tiny_moe_internvl(seed=0)
+    controller = RoutingController(model, vision_token_ids=[processor.image_token_id])
+    analysis = analyze_routing(model, controller, processor, rows, batch_size=4)
+    text, vision = analysis.modality_counts["text"], analysis.modality_counts["vision"]
+    assert torch.equal(text + vision, analysis.counts) and analysis.has_vision_tokens
+    assert int(vision.sum()) > 0 and int(text.sum()) > 0
+
+    batch = next(collect_routing(model, controller, processor, rows[:1], 1))
+    vision_tokens = modality_token_mask(controller.token_modality(batch.input_ids), "vision", batch.attention_mask)
+    by_hand = entropy(selection_counts(batch.routes[0][vision_tokens[0]][None], 8)[0])  # [layers]
+    torch.testing.assert_close(entropy(vision[0]), by_hand)
+
+    summary = analysis.summary()
+    for modality in ("text", "vision"):
+        assert 0 < summary[f"sequence_routing_entropy/{modality}"] <= math.log(8)
+        assert summary[f"task_jsd_bits/{modality}"] == pytest.approx(summary[f"task_jsd/{modality}"] / NATS_PER_BIT)
+    assert summary["sequence_routing_entropy/vision"] != summary["sequence_routing_entropy/text"]
+    assert (
+        summary["task_jsd_bits"] == pytest.approx(summary["task_jsd"] / math.log(2)) and summary["task_jsd_bits"] <= 1
+    )
+    table = format_routing_table([analysis])
+    assert "vision tokens: task-wise JSD (bits)" in table and "the same in bits" in table
+    assert "routing of the prompt tokens" in table
+    data = json.loads(json.dumps(analysis.to_json()))
+    assert data["tokens"] == "prompt" and data["num_tokens_by_modality"]["vision"] > 0
+    assert sum(data["num_tokens_by_modality"].values()) == analysis.num_tokens
+
+
+def test_eval_collector_splits_by_modality_like_the_analysis(processor, rows):
+    """The trainer's evaluation collector gives the same per-modality measures as `analyze_routing` on the same
+    routes: one definition for both."""
+    from trl_moe_grpo.trainer.eval_routing import EvalRoutingCollector
+
+    model = tiny_moe_internvl(seed=0)
+    controller = RoutingController(model, vision_token_ids=[processor.image_token_id])
+    analysis = analyze_routing(model, controller, processor, rows, batch_size=4)
+    collector = EvalRoutingCollector(controller.num_layers, controller.num_experts, "task")
+    for batch in collect_routing(model, controller, processor, rows, 4):
+        collector.add_rows([{"task": task} for task in batch.tasks])
+        log_probs = batch.gate_probs.clamp(min=1e-30).log().permute(2, 0, 1, 3).reshape(2, -1, 8)
+        collector.add_routing(
+            batch.routes, batch.attention_mask, log_probs, controller.token_modality(batch.input_ids)
+        )
+    evaluated = collector.analysis("eval", analysis.model)
+    assert evaluated.tokens == "prompt and completion"
+    for key, value in analysis.summary().items():
+        assert evaluated.summary()[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_routed_set_measures():
+    """Set comparison ignores order, inactive slots and -1; widths may differ (Expert Choice); utilization bounds."""
+    from trl_moe_grpo.analysis.measures import differs_from_top_k, expert_utilization, gate_entropy, in_bits
+
+    top_k = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    routed = torch.tensor([[1, 0, 7], [2, 3, 6], [4, 6, 0]])
+    active = torch.tensor([[True, True, False], [True, True, True], [True, True, False]])
+    assert differs_from_top_k(routed, top_k, 8, active).tolist() == [False, True, True]
+    assert differs_from_top_k(torch.tensor([[1, 0], [-1, -1]]), torch.tensor([[0, 1], [0, 1]]), 8).tolist() == [
+        False,
+        True,
+    ]
+    assert expert_utilization(torch.ones(8)).item() == pytest.approx(1.0)
+    assert expert_utilization(torch.tensor([5.0, 0, 0, 0])).item() == pytest.approx(0.25)
+    p = torch.tensor([0.5, 0.25, 0.25, 0.0])
+    assert gate_entropy(p.log()).item() == pytest.approx(entropy(p).item())
+    assert in_bits(math.log(2)) == pytest.approx(1.0) and in_bits(None) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -110,7 +111,7 @@ def test_topk_routing_equals_trl_sft(tmp_path, tokenizer, text_rows):
     assert all(name in moe_grads for name, p in moe.model.named_parameters() if p in set(router_weights(moe)))
 
 
-@pytest.mark.parametrize("mode", ["sample", "expert_choice"])
+@pytest.mark.parametrize("mode", ["sample", "expert_choice", "noise"])
 def test_training_step_is_exact_under_gradient_checkpointing(tmp_path, tokenizer, text_rows, mode):
     """Same seed, same batch: checkpoint recompute inside `training_step` gives the gradients of a plain backward."""
     trainer = text_trainer(tmp_path, tokenizer, text_rows, train_routing=mode, router_aux_loss_coef=0.1)
@@ -184,6 +185,45 @@ def test_balance_loss_counts_only_weighted_slots(layers, rows, experts, seed):
     )
 
 
+def test_expert_choice_balance_loss_over_variable_slots_and_drop_warning(tmp_path, tokenizer, text_rows, caplog):
+    """Expert Choice layers each get their own slot width; the balance loss counts the weighted slots of every layer
+    (reference: per-layer loads from the captures), and a capacity factor that drops most tokens is warned about once,
+    naming the share and the fix."""
+    options = dict(train_routing="expert_choice", router_aux_loss_coef=0.5, expert_capacity_factor=2)
+    trainer = text_trainer(tmp_path, tokenizer, text_rows, **options)
+    batch = trainer._prepare_inputs(first_batch(trainer))
+    model = trainer.model.train()
+    with trainer.routing_step() as routes:
+        trainer.compute_loss(model, dict(batch))
+    captures = routes.captures()
+    assert max(c.dispatched.shape[1] for c in captures) > trainer.routing.top_k  # some token took more than K
+    valid = captures[0].valid.float()
+    expected = []
+    for adapter, capture in zip(trainer.routing.adapters, captures):
+        ids = capture.dispatched[capture.active & capture.valid[:, None]]
+        load = torch.bincount(ids, minlength=trainer.routing.num_experts).float() / valid.sum()
+        mean_prob = (adapter.selection_log_probs(capture.logits).exp() * valid[:, None]).sum(0) / valid.sum()
+        expected.append(trainer.routing.num_experts * (load * mean_prob).sum())
+    logged = trainer._metrics["train"]["routing/balance_loss"][-1]
+    assert logged == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    # Capacity factor 2: 2 K experts per token on average.
+    assert trainer._metrics["train"]["routing/experts_per_token"][-1] > trainer.routing.top_k
+
+    starved = text_trainer(tmp_path, tokenizer, text_rows, train_routing="expert_choice", expert_capacity_factor=0.01)
+    starved.current_gradient_accumulation_steps = trainer.current_gradient_accumulation_steps = 1
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            starved.model.zero_grad()
+            starved.training_step(starved.model.train(), dict(first_batch(starved)))
+    warnings = [r.getMessage() for r in caplog.records if "no expert took" in r.getMessage()]
+    dropped = starved._metrics["train"]["routing/dropped_tokens"]
+    assert len(warnings) == 1 and len(dropped) == 2 and dropped[0] > 0.5
+    assert f"{dropped[0]:.0%}" in warnings[0] and "expert_capacity_factor=0.01" in warnings[0]
+    with caplog.at_level(logging.WARNING):
+        trainer.training_step(model, dict(first_batch(trainer)))
+    assert len([r for r in caplog.records if "no expert took" in r.getMessage()]) == 1  # factor 2: no warning
+
+
 # ---------------------------------------------------------------------- end to end on a vision-language MoE
 
 
@@ -227,7 +267,7 @@ def test_internvl_trains_with_images_in_every_routing(tmp_path, processor, visua
     differs = logs[0]["routing/dispatched_differs_from_topk"]
     assert differs == 0.0 if mode == "topk" else differs > 0.05
     assert (
-        ("routing/dropped_tokens" in logs[0]) == ("routing/truncated_tokens" in logs[0]) == (mode == "expert_choice")
+        ("routing/dropped_tokens" in logs[0]) == ("routing/experts_per_token" in logs[0]) == (mode == "expert_choice")
     )
 
     metrics = trainer.evaluate()
@@ -238,6 +278,7 @@ def test_internvl_trains_with_images_in_every_routing(tmp_path, processor, visua
     saved = json.loads((tmp_path / ROUTING_FILE).read_text())
     assert saved["train_routing"] == mode and saved["router_aux_loss_coef"] == 0.01
     assert saved["expert_capacity_factor"] == 0.75 and saved["sinkhorn_iterations"] == 3
+    assert saved["routing_noise_std"] is None and saved["noisy_mixing_weights"] is True  # V-MoE's defaults
 
 
 # ---------------------------------------------------------------------- options, data and errors
@@ -272,6 +313,41 @@ def test_sft_rows_from_answers():
         sft_rows_from_answers([{"prompt": "1+2="}])
     with pytest.raises(MoEGRPOError, match="already have a `completion`"):
         sft_rows_from_answers(Dataset.from_list([{"prompt": "1+2=", "answer": "3", "completion": "3"}]))
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (None, r"is None.*'None'"),
+        (["A", "B"], r"is a list.*\"\['A', 'B'\]\""),
+        ({"a": 1}, "is a dict"),
+        (True, "bool"),
+    ],
+)
+def test_sft_rows_from_answers_refuses_answers_that_are_not_one_string(answer, message):
+    """`str` would make `None` the target "None" and a list its repr: refused, in lists and in `datasets` alike."""
+    with pytest.raises(MoEGRPOError, match=message):
+        sft_rows_from_answers([{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": answer}])
+    with pytest.raises(MoEGRPOError, match="sft_rows_from_answers"):
+        sft_rows_from_answers(Dataset.from_list([{"prompt": "1+2=", "answer": answer}]))
+    assert sft_rows_from_answers([{"prompt": "1+2=", "answer": 3.5}])[0]["completion"] == "3.5"
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_grpo_rows_without_completions_are_refused_with_the_fix(tmp_path, tokenizer, as_list):
+    """Prompt + answer rows would fail inside TRL's tokenization with a bare `KeyError: 'completion'`."""
+    rows = sum_rows(4) if as_list else Dataset.from_list(sum_rows(4))
+    with pytest.raises(MoEGRPOError, match=r"`train_dataset` rows .* no `completion`.*sft_rows_from_answers"):
+        text_trainer(tmp_path, tokenizer, rows)
+    with pytest.raises(MoEGRPOError, match=r"eval_dataset\['held_out'\].*sft_rows_from_answers"):
+        MoESFTTrainer(
+            tiny_moe_model("qwen3_moe", seed=1),
+            MoESFTConfig(**sft_values(tmp_path)),
+            None,
+            sft_rows_from_answers(rows),
+            {"held_out": rows},
+            processing_class=tokenizer,
+        )
 
 
 def test_dense_model_and_unknown_router_are_rejected(tmp_path, tokenizer, text_rows):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import config_values, digit_share, make_config
+from conftest import config_values, digit_share, make_config, spread_reward
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
@@ -228,7 +228,7 @@ def test_training_end_to_end(tmp_path, tokenizer, dataset, family):
 
     trainer = RecordingTrainer(
         tiny_moe_model(family, seed=3),
-        digit_share,
+        spread_reward,  # every group carries a learning signal, whatever this random model writes
         args=make_config(tmp_path, max_steps=3, eval_strategy="no", per_device_eval_batch_size=8),
         train_dataset=dataset,
         eval_dataset=dataset.select(range(4)),
@@ -264,7 +264,7 @@ def test_gate_only_ablation_leaves_the_token_path_untrained(tmp_path, tokenizer,
     LM head, the last layer's experts); the gate loss still reaches what computes the routers' inputs."""
     trainer = MoEGRPOTrainer(
         tiny_moe_model("qwen3_moe", seed=5),
-        digit_share,
+        spread_reward,  # every group carries a learning signal, whatever this random model writes
         args=make_config(tmp_path, max_steps=1, token_loss_coef=0.0, weight_decay=0.0),
         train_dataset=dataset,
         processing_class=tokenizer,

@@ -47,6 +47,8 @@ GRPO_SEAMS = {
     "train": "self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None",
     "_save": "self, output_dir=None, state_dict=None",
     "create_optimizer": "self, model=None",
+    "create_scheduler": "self, num_training_steps, optimizer=None",
+    "_generate": "self, prompts",
 }
 SFT_SEAMS = {
     "__init__": (
@@ -59,6 +61,7 @@ SFT_SEAMS = {
     "training_step": "self, *args, **kwargs",
     "_save": "self, output_dir=None, state_dict=None",
     "create_optimizer": "self, model=None",
+    "create_scheduler": "self, num_training_steps, optimizer=None",
 }
 
 

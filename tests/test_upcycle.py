@@ -23,6 +23,7 @@ from trl_moe_grpo.testing import (
     tiny_moe_model,
 )
 from trl_moe_grpo.upcycle import DEFAULT_INIT, ExpertInit, parameter_report, upcycle
+from trl_moe_grpo.upcycle.init import resolve_init
 from trl_moe_grpo.upcycle.report import meta_model
 from trl_moe_grpo.upcycle.source import load_source
 
@@ -332,6 +333,36 @@ def test_bad_init_options_are_errors(options):
     init = options.pop("init", DEFAULT_INIT)
     with pytest.raises(MoEGRPOError):
         ExpertInit(init, **options)
+
+
+def test_init_is_one_expert_init_or_the_name_of_a_kind(dense, upcycled, tmp_path):
+    """`upcycle(init=...)` takes an `ExpertInit` (every setting) or a kind's name (its defaults), nothing else."""
+    assert resolve_init("drop") == ExpertInit("drop")
+    custom = ExpertInit("noise", noise_std=0.05, seed=3)
+    assert resolve_init(custom) is custom
+    with pytest.raises(MoEGRPOError, match="ExpertInit\\('noise', noise_std=0.05"):
+        resolve_init(0.01)
+
+    def tensors(folder: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return {k: v for name in os.listdir(folder) if name.endswith(".safetensors")
+                for k, v in load_file(os.path.join(folder, name)).items()}  # fmt: skip
+
+    by_name = tensors(upcycled("qwen3", "noise"))
+    out = str(tmp_path / "default")
+    upcycle(dense["qwen3"][0], out, EXPERTS, TOP_K, init=ExpertInit(), max_shard_size=SHARD, progress=False)
+    same = tensors(out)
+    assert by_name.keys() == same.keys() and all(torch.equal(by_name[k], same[k]) for k in by_name)
+    out = str(tmp_path / "custom")
+    upcycle(dense["qwen3"][0], out, EXPERTS, TOP_K, init=custom, max_shard_size=SHARD, progress=False)
+    other = tensors(out)
+    expert = next(k for k in by_name if ".experts." in k)
+    assert not torch.equal(by_name[expert], other[expert])
+
+    with pytest.raises(MoEGRPOError, match="applies to CLIP only"):
+        upcycle(dense["qwen3"][0], str(tmp_path / "dmu"), EXPERTS, TOP_K, init="multiplet", progress=False)
+    assert not os.path.exists(tmp_path / "dmu")
 
 
 # ---------------------------------------------------------------------- parameter report

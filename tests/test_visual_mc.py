@@ -5,17 +5,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trl_moe_grpo.demo.visual_mc import (
+    ALL_TASKS,
     BACKGROUND,
+    COLOURS,
     DIRECTIONS,
+    HELDOUT_TASKS,
     IMAGE_SIZE,
+    INK_TASKS,
     LETTERS,
     NUM_FIND_IMAGES,
     NUM_FRAMES,
+    REASONING_FORMAT,
+    SHIFTS,
+    SPLITS,
     TASKS,
+    TRAIN_STYLE,
     accuracy_reward,
     parse_choice,
+    parse_reasoning,
+    reasoning_solution,
+    row_fingerprint,
+    shifted_style,
     visual_mc_dataset,
     visual_mc_rows,
 )
@@ -155,3 +169,186 @@ def test_bundled_model_loads_is_moe_and_beats_chance():
     accuracy = evaluate_accuracy(model, processor, held_out, accuracy_reward, batch_size=32, max_new_tokens=2)
     assert set(accuracy) == {"all", *TASKS}
     assert accuracy["all"] > 0.35, accuracy  # the build measured ~0.55 on 128 rows; chance is 0.25
+
+
+# ---------------------------------------------------------------------------------------------- evaluation splits
+
+
+def fingerprints(rows: list[dict]) -> set[str]:
+    return {row_fingerprint(row) for row in rows}
+
+
+def test_test_rows_that_repeat_a_training_row_are_replaced():
+    """`position` has few distinct renderings, so independent seeds repeat rows; `exclude` replaces exactly those."""
+    train = visual_mc_rows(400, seed=0, tasks=("position",))
+    raw = visual_mc_rows(120, seed=10_000, tasks=("position",))
+    repeated = [i for i, row in enumerate(raw) if row_fingerprint(row) in fingerprints(train)]
+    assert repeated, "no repeated row drawn: the test would not test anything"
+    test = visual_mc_rows(120, seed=10_000, tasks=("position",), exclude=frozenset(fingerprints(train)))
+    assert not fingerprints(test) & fingerprints(train)
+    assert len(test) == 120
+    assert all(row_fingerprint(test[i]) != row_fingerprint(raw[i]) for i in repeated)
+    assert [row["answer"] for row in test] == [row["answer"] for row in raw]  # same letter, so still balanced
+    kept = [i for i in range(len(raw)) if i not in repeated]
+    assert same_rows([raw[i] for i in kept], [test[i] for i in kept])
+
+
+def test_every_evaluation_split_is_disjoint_from_training_and_deterministic():
+    data = visual_mc_dataset(96, 48, seed=1)
+    assert list(data) == list(SPLITS)
+    assert all(len(data[name]) == 48 for name in SPLITS[1:])
+    rows = {name: [data[name][i] for i in range(len(data[name]))] for name in SPLITS}
+    train = fingerprints(rows["train"])
+    for name in SPLITS[1:]:
+        assert not fingerprints(rows[name]) & train, name
+    assert {row["task"] for row in rows["test"]} == {row["task"] for row in rows["test_shifted"]} == set(TASKS)
+    assert {row["task"] for row in rows["test_heldout_tasks"]} == set(HELDOUT_TASKS)
+    # Deterministic by seed: drawn again (not from the cache), the splits are the same rows.
+    exclude = frozenset(train)
+    again = visual_mc_rows(48, seed=10_001, shifted=True, exclude=exclude)
+    assert [row_fingerprint(row) for row in rows["test_shifted"]] == [row_fingerprint(row) for row in again]
+    assert [row["shift"] for row in rows["test_shifted"]] == [row["shift"] for row in again]
+    again = visual_mc_rows(48, seed=40_001, tasks=HELDOUT_TASKS)
+    assert [row_fingerprint(row) for row in rows["test_heldout_tasks"]] == [row_fingerprint(row) for row in again]
+    # Read back from the Dataset, a training row has the fingerprint it was generated with.
+    assert train == fingerprints(visual_mc_rows(96, seed=1))
+    # Without `disjoint`, `test` is the raw draw (the split written before; `--keep_duplicates`).
+    raw = visual_mc_dataset(96, 48, seed=1, disjoint=False)["test"]
+    assert [row_fingerprint(row) for row in raw] == [row_fingerprint(row) for row in visual_mc_rows(48, seed=10_001)]
+
+
+def test_shifted_rows_are_the_test_rows_in_styles_training_never_uses():
+    test = visual_mc_rows(120, seed=10_000)
+    shifted = visual_mc_rows(120, seed=10_000, shifted=True)
+    for i, (plain, row) in enumerate(zip(test, shifted, strict=True)):
+        assert (row["prompt"], row["answer"], row["task"]) == (plain["prompt"], plain["answer"], plain["task"])
+        assert len(row["images"]) == len(plain["images"])
+        assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(row["images"], plain["images"]))
+        names = row["shift"].split("+")
+        style = shifted_style(10_000, row["task"], i // len(TASKS))  # draw i // 6 of its task: no exclusions here
+        assert names == list(style.shifts)
+        corner = np.asarray(row["images"][0])[0, 0]
+        if "noise" not in names:  # the corner pixel is background
+            expected = style.background if "background" in names else BACKGROUND
+            assert tuple(corner) == expected, (names, corner)
+        else:  # noise: the background is no longer one colour
+            assert np.asarray(row["images"][0])[:8, :8].reshape(-1, 3).std(0).min() > 5
+    # Every shift field is drawn, and none of its values is the training one.
+    drawn = {name for row in shifted for name in row["shift"].split("+")}
+    assert drawn == set(SHIFTS)
+    for name, values in SHIFTS.items():
+        assert getattr(TRAIN_STYLE, name) not in values, name
+
+
+@given(st.integers(0, 10**6), st.sampled_from(ALL_TASKS), st.integers(0, 10**4))
+@settings(max_examples=200, deadline=None)
+def test_shifted_style_changes_at_least_one_field_to_an_untrained_value(seed, task, index):
+    style = shifted_style(seed, task, index)
+    assert style.shifts and style == shifted_style(seed, task, index)
+    for name in style.shifts:
+        assert getattr(style, name) in SHIFTS[name]
+    assert task in INK_TASKS or "ink" not in style.shifts  # every shifted field shows in the task's images
+
+
+def test_heldout_tasks_are_compositions_never_in_training():
+    train = visual_mc_rows(len(TASKS) * 40, seed=0)
+    seen = {(len(row["images"]), row["prompt"][0]["content"][-1]["text"], row["task"]) for row in train}
+    heldout = visual_mc_rows(48, seed=40_000, tasks=HELDOUT_TASKS)
+    assert not set(HELDOUT_TASKS) & set(TASKS)
+    for task in HELDOUT_TASKS:
+        rows = [row for row in heldout if row["task"] == task]
+        assert Counter(row["answer"] for row in rows) == {letter: 4 for letter in LETTERS}, task
+    for row in heldout:
+        text = row["prompt"][0]["content"][-1]["text"]
+        # Never the same question on the same number of images as a training task.
+        assert not any(n == len(row["images"]) and t == text for n, t, _ in seen), row["task"]
+        pixels = [np.asarray(image).astype(int) for image in row["images"]]
+        if row["task"] == "video_colour":  # four frames, a dot in the answer's colour
+            colour = np.array(COLOURS[list(COLOURS)[LETTERS.index(row["answer"])]])
+            assert len(pixels) == NUM_FRAMES
+            assert all((np.abs(p - colour).sum(-1) == 0).sum() > 20 for p in pixels)
+        elif row["task"] == "find_square":  # exactly one image whose shape fills its bounding box
+            fills = []
+            for p in pixels:
+                ys, xs = (p != BACKGROUND).any(-1).nonzero()
+                fills.append(len(ys) / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1)))
+            assert [i for i, fill in enumerate(fills) if fill > 0.97] == [LETTERS.index(row["answer"])], fills
+
+
+# ---------------------------------------------------------------------------------------------- reasoning task
+
+OBJECTS = st.lists(st.tuples(st.sampled_from(("red", "blue")), st.sampled_from(("circle", "square"))), min_size=1)
+
+
+@given(OBJECTS.filter(lambda o: len(o) <= 4), st.integers(1, 4), st.sampled_from(LETTERS), st.sampled_from(" \n"))
+def test_parse_reasoning_reads_the_final_letter_of_the_whole_format(objects, count, letter, space):
+    text = reasoning_solution([f"{c} {s}" for c, s in objects], count, letter)
+    assert parse_reasoning(text) == letter == parse_reasoning(space + text + space)
+    for broken in (
+        text.replace(" so ", " "),  # no "so"
+        text.replace(" = ", " "),  # no count
+        text + " B",  # something after the letter
+        "so " + text,  # something before the working
+        text.replace(", ", " ", 1) if len(objects) > 1 else text.replace("red", "pink").replace("blue", "pink"),
+        text[:-1],  # cut before the letter (max_completion_length)
+        letter,  # the answer alone: no working
+    ):
+        assert parse_reasoning(broken) is None, broken
+
+
+def test_accuracy_reward_scores_reasoning_rows_on_their_final_letter_only():
+    texts = ["red circle = 1 so A", "red circle = 3 so A", "blue circle, red square = 1 so B", "A", "so A"]
+    # The second and third name a wrong count: only the letter is scored. A bare letter has no reasoning format.
+    assert accuracy_reward(texts, answer=["A", "A", "A", "A", "A"], task=["tally"] * 5) == [1, 1, 0, 0, 0]
+    # The same texts as one-letter answers of another task: read by `parse_choice`.
+    assert accuracy_reward(texts, answer=["A"] * 5, task=["colour"] * 5) == [1, 1, 0, 1, 1]
+
+
+def test_tally_rows_name_what_the_image_shows():
+    rows = visual_mc_rows(40, seed=7, tasks=("tally", "colour"))
+    assert all("solution" in row for row in rows)  # a reasoning task in the mix: every row has one
+    for row in rows:
+        if row["task"] != "tally":
+            assert row["solution"] == row["answer"]
+            continue
+        working, count, letter = REASONING_FORMAT.fullmatch(row["solution"]).group("working", "count", "letter")
+        assert letter == row["answer"] == LETTERS[int(count) - 1]
+        named = [name.split()[0] for name in working.split(", ")]
+        assert named.count("red") == int(count)
+        pixels = np.asarray(row["images"][0]).astype(int)
+        half = IMAGE_SIZE // 2
+        shown = []
+        for cell in range(4):  # reading order
+            quadrant = pixels[(cell // 2) * half : (cell // 2 + 1) * half, (cell % 2) * half : (cell % 2 + 1) * half]
+            for name in ("red", "blue"):
+                if (np.abs(quadrant - np.array(COLOURS[name])).sum(-1) == 0).sum() > 20:
+                    shown.append(name)
+        assert shown == named, (shown, row["solution"])
+
+
+def test_bundled_reasoning_model_writes_the_working_then_the_answer():
+    """`bundled/tiny-internvl-moe-reason` had `tally` in its fine-tuning: its greedy completions have the format."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from trl_moe_grpo.data_utils import calibration_batches
+
+    folder = BUNDLED.parent / "tiny-internvl-moe-reason"
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) < 4 * 2**20  # as small as the quickstart's
+    rows = visual_mc_rows(16, seed=10_000, tasks=("tally", "colour"))
+    processor.tokenizer.padding_side = "left"
+    (inputs,) = calibration_batches(processor, rows, len(rows))
+    with torch.no_grad():
+        generated = model.generate(
+            **inputs, max_new_tokens=64, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )
+    texts = processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    tally = [text for text, row in zip(texts, rows) if row["task"] == "tally"]
+    # The build measured 0.94 of held-out tally completions in the format (128 rows); one-letter tasks stay one letter.
+    assert sum(parse_reasoning(text) is not None for text in tally) >= 6, tally
+    assert all(len(text.split(",")) <= 4 for text in tally)  # at most one object per quadrant
+    assert all(len(text.strip()) == 1 for text, row in zip(texts, rows) if row["task"] == "colour"), texts
+    rewards = accuracy_reward(texts, answer=[row["answer"] for row in rows], task=[row["task"] for row in rows])
+    assert sum(rewards) / len(rewards) > 0.4, list(zip(texts, rewards))  # chance is 0.25

@@ -110,7 +110,7 @@ def test_internvl_replay_reproduces_generation_log_probs(processor, rows):
 
 
 def test_calibrate_file_trainer_round_trip(tmp_path, processor, rows):
-    """`trl-moe-grpo calibrate` writes the file, `analyze` plots it, the trainer trains with its masks."""
+    """`trl-moe-grpo calibrate` writes the file, `show-modality-stats` plots it, the trainer trains with its masks."""
     model_dir, data_dir = tmp_path / "model", tmp_path / "data"
     tiny_moe_internvl(seed=0).save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
@@ -134,7 +134,7 @@ def test_calibrate_file_trainer_round_trip(tmp_path, processor, rows):
     data = json.loads(stats_path.read_text())
     assert data["model"]["architecture"] == "InternVLForConditionalGeneration" and data["num_samples"] == 6
     assert data["tokens"]["vision"] == 6  # one image token per prompt
-    assert cli(["analyze", str(stats_path), "--plot", str(tmp_path / "heatmap.png")]) == 0
+    assert cli(["show-modality-stats", str(stats_path), "--plot", str(tmp_path / "heatmap.png")]) == 0
     assert (tmp_path / "heatmap.png").stat().st_size > 1000
 
     trainer = vlm_trainer(tmp_path / "run", processor, rows, modality_stats_path=str(stats_path), max_steps=1)

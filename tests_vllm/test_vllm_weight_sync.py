@@ -18,11 +18,11 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
 def _largest_gap(trainer, model) -> float:
     """Max |HF (replaying vLLM's routes) - vLLM| completion log-prob over PROMPTS, vLLM routing with top-K."""
     generation = trainer.vllm_generation
-    generation.rollout_routing, generation.greedy = "topk", True
-    _, completions, logprobs, _ = generation.generate(PROMPTS, None, 1)
+    with generation.rollout("topk", greedy=True) as recording:
+        _, completions, logprobs, _ = generation.generate(PROMPTS, None, 1)
     gaps = []
     for prompt, completion, logps, (prompt_routes, completion_routes) in zip(
-        PROMPTS, completions, logprobs, generation.last_routes, strict=True
+        PROMPTS, completions, logprobs, recording.routes, strict=True
     ):
         routes = torch.cat([prompt_routes, completion_routes])
         hf = _hf_completion_logps(model, prompt + list(completion), len(prompt), routes)

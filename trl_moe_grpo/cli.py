@@ -15,8 +15,9 @@ from .commands.base import Command
 COMMAND_PATHS: list[tuple[str, str]] = [
     ("trl_moe_grpo.commands.train", "TrainCommand"),
     ("trl_moe_grpo.commands.calibrate", "CalibrateCommand"),
-    ("trl_moe_grpo.commands.analyze", "AnalyzeCommand"),
-    ("trl_moe_grpo.commands.analyze_routing", "AnalyzeRoutingCommand"),
+    ("trl_moe_grpo.commands.show_modality_stats", "ShowModalityStatsCommand"),
+    ("trl_moe_grpo.commands.measure_routing", "MeasureRoutingCommand"),
+    ("trl_moe_grpo.commands.probe_routing", "ProbeRoutingCommand"),
     ("trl_moe_grpo.commands.upcycle", "UpcycleCommand"),
     ("trl_moe_grpo.commands.evaluate_clip", "EvaluateClipCommand"),
 ]
@@ -46,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = build_commands()
     args = make_parser(commands).parse_args(argv)
-    by_name = {command.name: command for command in commands}
+    by_name = {name: command for command in commands for name in (command.name, *command.deprecated_aliases)}
+    command = by_name[args.command]
+    if args.command != command.name:
+        print(command.deprecation_note(args.command), file=sys.stderr)
     try:
-        return by_name[args.command].run(args)
+        return command.run(args)
     except MoEGRPOError as error:
-        print(f"trl-moe-grpo {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"trl-moe-grpo {command.name}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ take their rows from here too (`sft_rows_from_answers`), so both methods see exa
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,6 +60,25 @@ def calibration_batches(
         yield {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
 
 
+def _answer_text(answer: Any, answer_column: str) -> str:
+    """The training target of one reference answer; refuses values `str` would turn into a wrong target."""
+    if answer is None:
+        raise MoEGRPOError(
+            f"A row's `{answer_column}` is None: SFT would train the model to answer the text 'None'. Drop the rows "
+            f"without an answer (e.g. `dataset.filter(lambda row: row[{answer_column!r}] is not None)`) before "
+            "`sft_rows_from_answers`."
+        )
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, numbers.Number) and not isinstance(answer, bool):
+        return str(answer)
+    raise MoEGRPOError(
+        f"A row's `{answer_column}` is a {type(answer).__name__} ({answer!r}): SFT would train the model to write "
+        f"its Python repr {str(answer)!r}. Map the column to the one answer string to train on (e.g. join several "
+        "accepted answers, or keep the first) before `sft_rows_from_answers`."
+    )
+
+
 def sft_rows_from_answers(dataset, answer_column: str = "answer"):
     """Add the `completion` column SFT trains on to a MoE-GRPO dataset: each row's reference answer.
 
@@ -72,7 +92,9 @@ def sft_rows_from_answers(dataset, answer_column: str = "answer"):
         dataset (`datasets.Dataset`, `datasets.IterableDataset`, `datasets.DatasetDict` or `list[dict]`):
             Rows with `prompt` and `answer_column`.
         answer_column (`str`, *optional*, defaults to `"answer"`):
-            The column holding the reference answer (converted with `str`).
+            The column holding the reference answer: a string, or a number (converted with `str`). `None` and
+            containers (lists, dicts) are refused, since `str` would turn them into targets such as `"None"` or
+            `"['A', 'B']"`.
 
     Returns:
         The same kind of object as `dataset`, with a `completion` column.
@@ -88,7 +110,7 @@ def sft_rows_from_answers(dataset, answer_column: str = "answer"):
             raise MoEGRPOError(
                 "The rows already have a `completion` column; `sft_rows_from_answers` would overwrite it."
             )
-        answer = str(row[answer_column])
+        answer = _answer_text(row[answer_column], answer_column)
         if is_conversational({"prompt": row["prompt"]}):
             return {"completion": [{"role": "assistant", "content": answer}]}
         return {"completion": answer}

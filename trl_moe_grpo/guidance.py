@@ -68,12 +68,16 @@ class ModalityStatistics:
         counts: `[layers, 2, experts]` int64; index 0 is text, 1 is vision.
         model: `architecture`, `num_layers`, `num_experts`, `top_k` and `router_layers` of the model.
         num_samples: how many calibration prompts produced the counts.
+        mask_ratio: the `P` the file was saved with (its `masked` lists use it), `None` before the first save;
+            `masks`, `to_json` and `save` use it when given no ratio.
+        extra: other top-level entries of the file, kept as they are.
     """
 
     counts: torch.Tensor
     model: dict[str, Any]
     num_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    mask_ratio: float | None = None
 
     @property
     def present(self) -> torch.Tensor:
@@ -83,8 +87,19 @@ class ModalityStatistics:
     def scores(self) -> torch.Tensor:
         return modality_scores(self.counts)
 
-    def masks(self, mask_ratio: float) -> torch.Tensor:
-        return modality_masks(self.scores(), mask_ratio, self.model["top_k"], self.present)
+    def _ratio(self, mask_ratio: float | None) -> float:
+        if mask_ratio is not None:
+            return mask_ratio
+        if self.mask_ratio is None:
+            raise MoEGRPOError(
+                "These modality statistics carry no mask ratio (they were not loaded from a saved file): pass "
+                "`mask_ratio=` (the `modality_mask_ratio` P, e.g. 0.25)."
+            )
+        return self.mask_ratio
+
+    def masks(self, mask_ratio: float | None = None) -> torch.Tensor:
+        """`[layers, 2, experts]` bool, the experts each modality may draw under `mask_ratio` (default: the file's)."""
+        return modality_masks(self.scores(), self._ratio(mask_ratio), self.model["top_k"], self.present)
 
     def check_model(self, model: torch.nn.Module, controller: RoutingController) -> None:
         """Raise unless these statistics were measured on a model of the same shape as `model`."""
@@ -99,7 +114,8 @@ class ModalityStatistics:
                 "`modality_stats_path` unset to let the trainer calibrate before training."
             )
 
-    def to_json(self, mask_ratio: float) -> dict[str, Any]:
+    def to_json(self, mask_ratio: float | None = None) -> dict[str, Any]:
+        mask_ratio = self._ratio(mask_ratio)
         scores, masks = self.scores(), self.masks(mask_ratio)
         layers = []
         for layer, name in enumerate(self.model["router_layers"]):
@@ -123,7 +139,8 @@ class ModalityStatistics:
             "layers": layers,
         }
 
-    def save(self, path: str | Path, mask_ratio: float) -> None:
+    def save(self, path: str | Path, mask_ratio: float | None = None) -> None:
+        """Write the JSON file; `mask_ratio` (default: the loaded one) decides its `masked` lists and is kept in it."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_json(mask_ratio), indent=1))
 
@@ -141,7 +158,14 @@ class ModalityStatistics:
         counts = torch.tensor(
             [[layer["counts"][MODALITIES[m]] for m in MODALITIES] for layer in data["layers"]], dtype=torch.long
         )
-        return cls(counts=counts, model=data["model"], num_samples=data.get("num_samples", 0))
+        written = {"format", "version", "model", "mask_ratio", "num_samples", "tokens", "layers"}
+        return cls(
+            counts=counts,
+            model=data["model"],
+            num_samples=data.get("num_samples", 0),
+            extra={key: value for key, value in data.items() if key not in written},
+            mask_ratio=data.get("mask_ratio"),
+        )
 
 
 @torch.no_grad()

@@ -36,153 +36,27 @@ from ..data_utils import calibration_batches
 from ..errors import MoEGRPOError
 from ..routing.controller import RoutingController
 from ..routing.introspection import model_identity
+from .measures import (  # noqa: F401  (the measures' public names, kept importable from here)
+    MODALITIES,
+    entropy,
+    expert_distributions_by_task,
+    in_bits,
+    jensen_shannon,
+    mean_entropy_of_nonempty,
+    mean_gate_entropy,
+    mean_pairwise_jsd,
+    modality_token_mask,
+    pairwise_jsd,
+    pooled_routing_entropy,
+    selection_counts,
+    sequence_routing_entropy,
+    task_jsd_of_nonempty,
+)
 from .plots import pyplot, save_figure
 
 FORMAT = "trl-moe-grpo/routing-analysis"
 FORMAT_VERSION = 1
 ALL_TASKS = "all"  # the one task of rows without a task column
-
-# ---------------------------------------------------------------------------------------------------- measures
-
-
-def selection_counts(
-    routes: torch.Tensor, num_experts: int, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """How often each expert is in the top-K, per sequence and layer.
-
-    Args:
-        routes: `[..., tokens, layers, top_k]` expert ids (e.g. `[batch, tokens, layers, top_k]`).
-        num_experts: N, the number of experts per layer.
-        attention_mask: `[..., tokens]`, 0 for padding; padding tokens are not counted. A token whose route is
-            negative (`-1`: no route, as in routing traces) is not counted either.
-
-    Returns:
-        `[..., layers, num_experts]` int64 counts; each valid token adds `top_k` to every layer.
-    """
-    *lead, tokens, layers, top_k = routes.shape
-    routes = routes.long().reshape(-1, tokens, layers, top_k)
-    valid = torch.ones(routes.shape[:2], dtype=torch.bool, device=routes.device)
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (*lead, tokens):
-            raise MoEGRPOError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; routes of shape {tuple(routes.shape)} "
-                f"need {(*lead, tokens)}."
-            )
-        valid = attention_mask.reshape(-1, tokens).bool().to(routes.device)
-    valid = (valid[..., None, None] & (routes >= 0)).expand_as(routes)
-    if valid.any() and int(routes[valid].max()) >= num_experts:
-        raise MoEGRPOError(f"Routes hold expert id {int(routes[valid].max())}; the model has {num_experts} experts.")
-    sequence = torch.arange(routes.shape[0], device=routes.device)[:, None, None, None]
-    layer = torch.arange(layers, device=routes.device)[None, None, :, None]
-    flat = (sequence * layers + layer) * num_experts + routes.clamp(min=0)
-    counts = torch.bincount(flat[valid], minlength=routes.shape[0] * layers * num_experts)
-    return counts.reshape(*lead, layers, num_experts)
-
-
-def entropy(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy in nats of `weights` (counts or probabilities) normalized to sum 1 along `dim`.
-
-    `0 * ln 0 = 0`, so unused experts add nothing; N equal weights give `ln N`, a single non-zero weight gives 0.
-    All-zero weights give 0. Computed in float64.
-    """
-    weights = weights.double()
-    p = weights / weights.sum(dim, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
-    return -torch.special.xlogy(p, p).sum(dim)
-
-
-def sequence_routing_entropy(
-    routes: torch.Tensor, num_experts: int, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per sequence and layer: the entropy (nats) of the expert-selection frequencies over the sequence's tokens.
-
-    `routes` is `[batch, tokens, layers, top_k]`, `attention_mask` `[batch, tokens]` (padding excluded). Returns
-    `[batch, layers]`; average over sequences for the data set's value (`RoutingAnalysis.sequence_entropy`).
-    """
-    return entropy(selection_counts(routes, num_experts, attention_mask))
-
-
-def pooled_routing_entropy(
-    routes: torch.Tensor, num_experts: int, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per layer: the entropy (nats) of the expert-selection frequencies over all (non-padding) tokens of `routes`.
-
-    `routes` is `[batch, tokens, layers, top_k]`; returns `[layers]`.
-    """
-    counts = selection_counts(routes, num_experts, attention_mask)
-    return entropy(counts.reshape(-1, *counts.shape[-2:]).sum(0))
-
-
-def mean_gate_entropy(gate_probs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per layer: the entropy (nats) of each token's gate distribution, averaged over the (non-padding) tokens.
-
-    `gate_probs` is `[batch, tokens, layers, experts]` (each token's distribution sums to 1), `attention_mask`
-    `[batch, tokens]`. Returns `[layers]` (zeros when there is no token).
-    """
-    per_token = entropy(gate_probs)  # [batch, tokens, layers]
-    valid = torch.ones(per_token.shape[:2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    valid = valid.to(per_token.device)
-    return per_token[valid].sum(0) / max(int(valid.sum()), 1)
-
-
-def expert_distributions_by_task(
-    counts: torch.Tensor, tasks: Sequence[str], task_names: Sequence[str] | None = None
-) -> tuple[list[str], torch.Tensor]:
-    """Each task's distribution of top-K selections over its tokens, per layer.
-
-    Args:
-        counts: `[sequences, layers, experts]` selection counts per sequence (`selection_counts`).
-        tasks: the task of each sequence.
-        task_names: the tasks, in the order wanted; by default in order of first appearance in `tasks`.
-
-    Returns:
-        `(task_names, distributions)` with `distributions` `[tasks, layers, experts]` float64, each row summing to 1
-        (all zeros for a task with no token).
-    """
-    if len(tasks) != counts.shape[0]:
-        raise MoEGRPOError(f"{len(tasks)} task names for {counts.shape[0]} sequences of counts.")
-    names = list(task_names) if task_names is not None else list(dict.fromkeys(tasks))
-    index = {name: i for i, name in enumerate(names)}
-    missing = sorted(set(tasks) - set(index))
-    if missing:
-        raise MoEGRPOError(f"Tasks {missing} are not in task_names {names}.")
-    totals = torch.zeros(len(names), *counts.shape[1:], dtype=torch.float64)
-    totals.index_add_(0, torch.tensor([index[t] for t in tasks], dtype=torch.long), counts.double().cpu())
-    return names, totals / totals.sum(-1, keepdim=True).clamp(min=1.0)
-
-
-def jensen_shannon(p: torch.Tensor, q: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Jensen-Shannon divergence in nats (natural log) between `p` and `q`, each normalized along `dim`.
-
-    `JSD(p, q) = KL(p || m) / 2 + KL(q || m) / 2` with `m = (p + q) / 2`: symmetric, 0 for equal distributions and
-    `ln 2` (its maximum) for distributions with disjoint support. Inputs may be counts; each must have positive mass.
-    """
-    p, q = p.double(), q.double()
-    if (p.sum(dim) <= 0).any() or (q.sum(dim) <= 0).any():
-        raise MoEGRPOError("Jensen-Shannon divergence of an empty distribution (all weights zero) is undefined.")
-    p, q = p / p.sum(dim, keepdim=True), q / q.sum(dim, keepdim=True)
-    m = (p + q) / 2
-    kl_p = (torch.special.xlogy(p, p) - torch.special.xlogy(p, m)).sum(dim)
-    kl_q = (torch.special.xlogy(q, q) - torch.special.xlogy(q, m)).sum(dim)
-    return ((kl_p + kl_q) / 2).clamp(0.0, math.log(2))
-
-
-def pairwise_jsd(distributions: torch.Tensor) -> torch.Tensor:
-    """`[tasks, layers, experts]` -> `[tasks, tasks, layers]`: the JSD (nats) of every pair of tasks, per layer."""
-    return jensen_shannon(distributions[:, None], distributions[None, :])
-
-
-def mean_pairwise_jsd(distributions: torch.Tensor) -> torch.Tensor | None:
-    """Per layer, the mean JSD (nats) over the unordered pairs of tasks: `[tasks, layers, experts]` -> `[layers]`.
-
-    `None` when there are fewer than two tasks: a divergence between tasks does not apply.
-    """
-    num_tasks = distributions.shape[0]
-    if num_tasks < 2:
-        return None
-    matrix = pairwise_jsd(distributions)
-    pairs = list(itertools.combinations(range(num_tasks), 2))
-    return torch.stack([matrix[i, j] for i, j in pairs]).mean(0)
-
 
 # ---------------------------------------------------------------------------------------------------- collecting
 
@@ -284,6 +158,10 @@ class RoutingAnalysis:
         num_tokens: the tokens measured (padding excluded).
         task_column: the column the tasks came from; `None` when the rows had none.
         example: one prompt's full routing, for the token-level figures.
+        modality_counts: `counts` restricted to the `"text"` and to the `"vision"` tokens (vision: the processor's
+            image and video placeholders), when the modality of each token was known; empty otherwise.
+        tokens: which tokens were counted: `"prompt"` (`analyze-routing`) or `"prompt and completion"` (a
+            trainer's evaluation, over its generated sequences).
     """
 
     name: str
@@ -294,6 +172,8 @@ class RoutingAnalysis:
     num_tokens: int
     task_column: str | None = "task"
     example: SequenceRouting | None = None
+    modality_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: str = "prompt"
 
     @property
     def num_experts(self) -> int:
@@ -327,14 +207,36 @@ class RoutingAnalysis:
         """`[layers]` mean task-wise JSD (nats) over task pairs; `None` with fewer than two tasks."""
         return mean_pairwise_jsd(self.task_distributions)
 
+    @property
+    def has_vision_tokens(self) -> bool:
+        vision = self.modality_counts.get("vision")
+        return vision is not None and bool(vision.sum() > 0)
+
+    def modality_measures(self) -> dict[str, float | None]:
+        """Sequence routing entropy and task-wise JSD (nats, and bits) of the text and of the vision tokens, each a
+        mean over layers; empty unless the analysis has vision tokens (for text-only data they equal the totals)."""
+        if not self.has_vision_tokens:
+            return {}
+        measures: dict[str, float | None] = {}
+        for modality in MODALITIES:
+            counts = self.modality_counts[modality]
+            sequence = mean_entropy_of_nonempty(counts)
+            jsd = task_jsd_of_nonempty(counts, self.tasks)
+            measures[f"sequence_routing_entropy/{modality}"] = None if sequence is None else sequence.mean().item()
+            measures[f"task_jsd/{modality}"] = None if jsd is None else jsd.mean().item()
+            measures[f"task_jsd_bits/{modality}"] = None if jsd is None else in_bits(jsd.mean().item())
+        return measures
+
     def summary(self) -> dict[str, float | None]:
-        """The headline numbers, each a mean over layers."""
+        """The headline numbers, each a mean over layers; JSD in nats (`task_jsd`) and bits (`task_jsd_bits`)."""
         jsd = self.task_jsd
         return {
             "sequence_routing_entropy": self.sequence_entropy.mean().item(),
             "pooled_routing_entropy": self.pooled_entropy.mean().item(),
             "mean_gate_entropy": self.gate_entropy.double().mean().item(),
             "task_jsd": None if jsd is None else jsd.mean().item(),
+            "task_jsd_bits": None if jsd is None else in_bits(jsd.mean().item()),
+            **self.modality_measures(),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -368,6 +270,11 @@ class RoutingAnalysis:
             "model": self.model,
             "num_sequences": int(self.counts.shape[0]),
             "num_tokens": self.num_tokens,
+            "tokens": self.tokens,
+            "num_tokens_by_modality": {
+                modality: int(counts[:, 0].sum()) // max(int(self.model.get("top_k") or 1), 1)
+                for modality, counts in self.modality_counts.items()
+            },
             "task_column": self.task_column,
             "tasks": {name: self.tasks.count(name) for name in names},
             "max_entropy": math.log(self.num_experts),
@@ -381,7 +288,13 @@ class RoutingAnalysis:
 
 
 DEFINITIONS = {
-    "units": "nats (natural logarithm); summary values are means over MoE layers",
+    "units": "nats (natural logarithm); *_bits: the same in bits (divided by ln 2; the paper does not state its "
+    "base); summary values are means over MoE layers",
+    "tokens": "which tokens were counted: the prompts' (analyze-routing) or the prompts' and completions' (a "
+    "trainer's evaluation); padding never",
+    "*/text, */vision": "the same measure over only the text tokens, or only the vision tokens (image and video "
+    "placeholders), of each sequence; sequences (and tasks) without such tokens are left out; present only when "
+    "there are vision tokens",
     "sequence_routing_entropy": "per layer and prompt, entropy of the top-K expert-selection frequencies over the "
     "prompt's tokens; averaged over prompts",
     "pooled_routing_entropy": "per layer, entropy of the top-K expert-selection frequencies over all tokens",
@@ -415,6 +328,7 @@ def analyze_routing(
     if task_column is not None and not any(task_column in row for row in rows):
         task_column = None
     counts, tasks, gate_sum, num_tokens, example = [], [], 0.0, 0, None
+    modality_counts: dict[str, list[torch.Tensor]] = {modality: [] for modality in MODALITIES}
     batches = collect_routing(model, controller, processing_class, rows, batch_size, task_column)
     for start, batch in zip(range(0, len(rows), batch_size), batches):
         tokens = int(batch.attention_mask.sum())
@@ -422,6 +336,10 @@ def analyze_routing(
         num_tokens += tokens
         lengths = batch.attention_mask.sum(-1)
         counts.append(selection_counts(batch.routes, controller.num_experts, batch.attention_mask)[lengths > 0])
+        token_modality = controller.token_modality(batch.input_ids)
+        for modality in MODALITIES:
+            mask = modality_token_mask(token_modality, modality, batch.attention_mask)
+            modality_counts[modality].append(selection_counts(batch.routes, controller.num_experts, mask)[lengths > 0])
         tasks += [task for task, length in zip(batch.tasks, lengths.tolist()) if length > 0]
         if start <= example_index < start + batch_size:
             example = batch.sequence(example_index - start)
@@ -439,6 +357,8 @@ def analyze_routing(
         num_tokens=num_tokens,
         task_column=task_column,
         example=example,
+        modality_counts={modality: torch.cat(parts) for modality, parts in modality_counts.items()},
+        tokens="prompt",
     )
 
 
@@ -468,7 +388,8 @@ def format_routing_table(analyses: Sequence[RoutingAnalysis]) -> str:
     header = "".ljust(label) + "".join(a.name.rjust(width) for a in analyses)
     shapes = sorted({(a.num_experts, a.model.get("top_k")) for a in analyses})
     experts = ", ".join(f"top-{k} of {n} experts, max entropy ln {n} = {math.log(n):.3f}" for n, k in shapes)
-    lines = [f"routing (stock top-K, nats; {experts})", header]
+    counted = " / ".join(sorted({a.tokens for a in analyses}))
+    lines = [f"routing of the {counted} tokens (stock top-K, nats unless bits; {experts})", header]
     for layer in range(max(a.num_layers for a in analyses)):
         values = [a.sequence_entropy[layer].item() if layer < a.num_layers else None for a in analyses]
         lines.append(
@@ -480,9 +401,16 @@ def format_routing_table(analyses: Sequence[RoutingAnalysis]) -> str:
         ("pooled routing entropy (all tokens), mean over layers", "pooled_routing_entropy"),
         ("mean gate entropy (per token), mean over layers", "mean_gate_entropy"),
         ("task-wise JSD (task pairs), mean over layers", "task_jsd"),
+        ("  the same in bits", "task_jsd_bits"),
     ]
+    if any(a.has_vision_tokens for a in analyses):
+        for modality in MODALITIES:
+            rows += [
+                (f"  {modality} tokens: sequence routing entropy", f"sequence_routing_entropy/{modality}"),
+                (f"  {modality} tokens: task-wise JSD (bits)", f"task_jsd_bits/{modality}"),
+            ]
     for text, key in rows:
-        lines.append(text.ljust(label) + "".join(_cell(s[key], width) for s in summaries))
+        lines.append(text.ljust(label) + "".join(_cell(s.get(key), width) for s in summaries))
     first = analyses[0]
     if first.task_jsd is None:
         reason = "the rows have no task column" if first.task_column is None else "the rows hold one task"

@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 
 from ..errors import MoEGRPOError
 from ..losses import GATE_LOSS_TYPES
-from ..routing.controller import TRAINING_ROUTINGS
+from ..trainer.options import check_router_options, check_training_routing_options
 from .classify import DEFAULT_TEMPLATE
 from .rewards import SCALE_REWARDS
 
@@ -64,19 +64,13 @@ class CLIPClassificationConfig(TrainingArguments):
             )
         if self.train_parameters not in TRAIN_PARAMETERS:
             raise MoEGRPOError(f"`train_parameters={self.train_parameters!r}`: use one of {TRAIN_PARAMETERS}.")
-        if self.router_learning_rate is not None and self.router_learning_rate < 0:
-            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise MoEGRPOError(
-                f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}; 0 turns the load-balancing "
-                "loss off."
-            )
         if self.gradient_checkpointing:
             raise MoEGRPOError(
                 "`gradient_checkpointing=True` is not supported by the CLIP-MoE trainers (the tiny vision encoder "
                 "does not need it, and replayed routes are captured once per forward). Set "
                 "`gradient_checkpointing=False`."
             )
+        check_router_options(self)
 
 
 @dataclass
@@ -168,13 +162,25 @@ class CLIPMoEGRPOConfig(CLIPClassificationConfig):
 @dataclass
 class CLIPDetFTConfig(CLIPClassificationConfig):
     r"""
-    Configuration of [`CLIPDetFTTrainer`]: every parameter of [`CLIPClassificationConfig`], plus the one below.
+    Configuration of [`CLIPDetFTTrainer`]: every parameter of [`CLIPClassificationConfig`], plus the ones below
+    (the names, defaults and checks of `MoESFTConfig`'s).
 
     Parameters:
         train_routing (`str`, *optional*, defaults to `"topk"`):
             Routing of the training forward, as `MoESFTConfig.train_routing`: `"topk"` is Det-FT (the stock top-K);
             `"sample"`, `"noise"`, `"expert_choice"` and `"sinkhorn"` are the other fine-tuning routings. Evaluation
             always uses top-K.
+        routing_noise_std (`float` or `None`, *optional*, defaults to `None`):
+            Standard deviation of the router-logit noise of `train_routing="noise"`; `None`: `1 / num_experts`
+            (V-MoE).
+        noisy_mixing_weights (`bool`, *optional*, defaults to `True`):
+            Under `train_routing="noise"`, mix the chosen experts with the noisy logits' weights (V-MoE's noisy
+            softmax); `False` uses the noise-free weights.
+        expert_capacity_factor (`float`, *optional*, defaults to `1.0`):
+            Capacity factor of `train_routing="expert_choice"`: each expert takes
+            `ceil(expert_capacity_factor * tokens * top_k / num_experts)` of a layer's tokens.
+        sinkhorn_iterations (`int`, *optional*, defaults to `3`):
+            Sinkhorn iterations of `train_routing="sinkhorn"` (each normalizes tokens, then experts).
     """
 
     train_routing: Literal["topk", "sample", "noise", "expert_choice", "sinkhorn"] = field(
@@ -184,8 +190,26 @@ class CLIPDetFTConfig(CLIPClassificationConfig):
             "'sinkhorn'. Evaluation uses top-K."
         },
     )
+    routing_noise_std: float | None = field(
+        default=None,
+        metadata={"help": "Standard deviation of the router-logit noise of train_routing='noise' (None: 1/E, V-MoE)."},
+    )
+    noisy_mixing_weights: bool = field(
+        default=True,
+        metadata={"help": "Under train_routing='noise', mix with the noisy logits' weights (V-MoE's noisy softmax)."},
+    )
+    expert_capacity_factor: float = field(
+        default=1.0,
+        metadata={
+            "help": "Capacity factor of train_routing='expert_choice': each expert takes "
+            "ceil(factor * tokens * top_k / num_experts) tokens per layer."
+        },
+    )
+    sinkhorn_iterations: int = field(
+        default=3,
+        metadata={"help": "Sinkhorn iterations of train_routing='sinkhorn'."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        if self.train_routing not in TRAINING_ROUTINGS:
-            raise MoEGRPOError(f"`train_routing={self.train_routing!r}` is not one of {TRAINING_ROUTINGS}.")
+        check_training_routing_options(self)

@@ -20,7 +20,7 @@ import torch
 from transformers import CLIPModel
 
 from ..errors import MoEGRPOError
-from ..upcycle.init import DEFAULT_INIT
+from ..upcycle.init import DEFAULT_INIT, MULTIPLET, ExpertInit, resolve_init
 from .modeling import CLIPMoeModel
 from .multiplet import diversified_multiplet_upcycle
 from .upcycle import active_parameters, moe_config_from_clip, upcycle_clip_model
@@ -68,12 +68,8 @@ def upcycle_clip(
     output_dir: str,
     num_experts: int = 8,
     top_k: int = 2,
-    init: str = DEFAULT_INIT,
+    init: ExpertInit | str = DEFAULT_INIT,
     *,
-    noise_std: float = 0.01,
-    drop_ratio: float = 0.5,
-    router_std: float = 0.02,
-    seed: int = 0,
     moe_layers: list[int] | None = None,
     overwrite: bool = False,
     pairs=None,
@@ -83,9 +79,10 @@ def upcycle_clip(
     The tokenizer and image processor of `source`, when it has them, are saved beside the model. The output loads
     with `transformers.AutoModel.from_pretrained(output_dir)` once `trl_moe_grpo.clip_moe` is imported.
 
-    `init="multiplet"` is the CLIP-MoE paper's Diversified Multiplet Upcycling (`multiplet.py`): it trains, so it
-    needs `pairs`, a dataset (or list of rows) with `image` and `caption` columns, and the source's tokenizer and
-    image processor; `noise_std`, `drop_ratio` and `router_std` do not apply to it.
+    `init` is an `ExpertInit` or the name of a kind with its default settings. `init="multiplet"` (or
+    `ExpertInit("multiplet", seed=...)`) is the CLIP-MoE paper's Diversified Multiplet Upcycling (`multiplet.py`): it
+    trains, so it needs `pairs`, a dataset (or list of rows) with `image` and `caption` columns, and the source's
+    tokenizer and image processor; of the `ExpertInit` settings only `seed` applies to it.
 
     Raises:
         MoEGRPOError: the source is not a local dense CLIP folder, the output holds a model (without `overwrite`), or
@@ -100,23 +97,15 @@ def upcycle_clip(
             f"{source!r} is not a local folder with a dense CLIP (config.json with model_type 'clip'). Save one with "
             "`CLIPModel.save_pretrained(folder)`."
         )
+    init = resolve_init(init)
     dense = CLIPModel.from_pretrained(source)
-    if init == "multiplet":
-        moe = _multiplet(dense, source, pairs, num_experts, top_k, seed, moe_layers)
+    if init.kind == MULTIPLET:
+        moe = _multiplet(dense, source, pairs, num_experts, top_k, init.seed, moe_layers)
     else:
         if pairs is not None:
-            raise MoEGRPOError(f"`pairs` are the training data of init='multiplet'; init={init!r} uses none.")
-        moe = upcycle_clip_model(  # validates the init options before anything is written
-            dense,
-            num_experts,
-            top_k,
-            init,
-            noise_std=noise_std,
-            drop_ratio=drop_ratio,
-            router_std=router_std,
-            seed=seed,
-            moe_layers=moe_layers,
-        )
+            raise MoEGRPOError(f"`pairs` are the training data of init='multiplet'; init={init.kind!r} uses none.")
+        # Built before anything is written, so bad options leave the output folder alone.
+        moe = upcycle_clip_model(dense, num_experts, top_k, init, moe_layers=moe_layers)
     prepare_output(source, output_dir, overwrite)
     moe.save_pretrained(output_dir)
     copied = []

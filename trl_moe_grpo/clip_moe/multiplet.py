@@ -40,6 +40,7 @@ from transformers import CLIPModel
 from ..errors import MoEGRPOError
 from ..losses import routed_load_balancing_loss
 from ..routing import RoutingController
+from ..upcycle.init import ExpertInit
 from .contrastive import contrastive_loss, tokenize_captions
 from .modeling import CLIPMoeModel, vision_encoder
 from .upcycle import upcycle_clip_model
@@ -188,7 +189,7 @@ def diversified_multiplet_upcycle(
         current = _clusters(stage, pixels, text, clusters_per_modality, generator)
         pseudo = torch.unique(torch.stack([pseudo, current], -1), dim=0, return_inverse=True)[1]
 
-    moe = upcycle_clip_model(dense, num_experts, top_k, "copy", seed=seed)
+    moe = upcycle_clip_model(dense, num_experts, top_k, ExpertInit("copy", seed=seed))
     for layer, block in enumerate(vision_encoder(moe).layers):
         experts = block.mlp.experts
         with torch.no_grad():

@@ -33,10 +33,13 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ..analysis.measures import differs_from_top_k, gate_entropy
 from ..errors import MoEGRPOError
 from ..losses import clipped_objective, reduce_like_trl, routed_load_balancing_loss, set_log_prob
 from ..routing import RoutingController
+from ..routing.controller import stacked_slots
 from ..trainer.optim import set_router_learning_rate
+from ..trainer.options import training_routing_kwargs
 from .classify import class_embeddings, class_names_of, image_logits, pixel_values
 from .config import CLIPClassificationConfig, CLIPDetFTConfig, CLIPMoEGRPOConfig
 from .evaluation import zero_shot_accuracy
@@ -254,12 +257,10 @@ class CLIPMoEGRPOTrainer(_CLIPClassificationTrainer):
             self._log(mode, "replay_matches_rollout", (logits.argmax(-1) == rollout_logits.argmax(-1)).float().mean())
             self._log(mode, "routing/gate_loss", gate_loss)
             self._log(mode, "routing/balance_loss", balance)
-            entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
-            self._log(mode, "routing/entropy", entropy)
-            top_k = torch.stack([c.top_k for c in captures]).sort(-1).values
-            self._log(
-                mode, "routing/sampled_differs_from_topk", (dispatched.sort(-1).values != top_k).any(-1).float().mean()
-            )
+            self._log(mode, "routing/entropy", gate_entropy(log_probs).mean())
+            top_k = torch.stack([c.top_k for c in captures])
+            differs = differs_from_top_k(dispatched, top_k, self.routing.num_experts)
+            self._log(mode, "routing/sampled_differs_from_topk", differs.float().mean())
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
@@ -275,12 +276,12 @@ class CLIPDetFTTrainer(_CLIPClassificationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         routing = self.args.train_routing if mode == "train" else "topk"
-        with self.routing.training_routing(routing) as routes:
+        with self.routing.training_routing(**training_routing_kwargs(self.args, routing)) as routes:
             logits = image_logits(model, inputs["pixel_values"], self.class_text)
             captures = routes.captures()
         ce = F.cross_entropy(logits, inputs["labels"].to(logits.device))
-        log_probs, dispatched = self._stack(captures)
-        active = torch.stack([c.active for c in captures])
+        log_probs = self._stack(captures)[0]
+        dispatched, active = stacked_slots(captures)  # Expert Choice: each layer's own slot width
         balance = self._balance_loss(log_probs, dispatched, captures[0].valid, active)
         loss = ce + self.balance_loss_coef * balance
         with torch.no_grad():

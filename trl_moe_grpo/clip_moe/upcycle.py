@@ -21,7 +21,7 @@ import torch
 from transformers import CLIPModel
 
 from ..errors import MoEGRPOError
-from ..upcycle.init import DEFAULT_INIT, ExpertInit
+from ..upcycle.init import DEFAULT_INIT, ExpertInit, resolve_init
 from .modeling import CLIPMoeConfig, CLIPMoeModel
 
 
@@ -53,20 +53,20 @@ def upcycle_clip_model(
     dense: CLIPModel,
     num_experts: int = 8,
     top_k: int = 2,
-    init: str = DEFAULT_INIT,
+    init: ExpertInit | str = DEFAULT_INIT,
     *,
-    noise_std: float = 0.01,
-    drop_ratio: float = 0.5,
-    router_std: float = 0.02,
-    seed: int = 0,
     moe_layers: list[int] | None = None,
 ) -> CLIPMoeModel:
-    """A `CLIPMoeModel` whose vision MLPs are upcycled from the dense `CLIPModel` `dense` (module docstring)."""
+    """A `CLIPMoeModel` whose vision MLPs are upcycled from the dense `CLIPModel` `dense` (module docstring).
+
+    `init` is an `ExpertInit` or the name of a kind (`copy`, `noise`, `drop`) with its default settings.
+    """
     if not isinstance(dense, CLIPModel) or isinstance(dense, CLIPMoeModel):
         raise MoEGRPOError(
             f"`upcycle_clip_model` takes a dense `transformers.CLIPModel`, got `{type(dense).__name__}`."
         )
-    expert_init = ExpertInit(init, noise_std=noise_std, drop_ratio=drop_ratio, router_std=router_std, seed=seed)
+    expert_init = resolve_init(init)
+    expert_init.require_computed("`upcycle_clip_model`")
     config = moe_config_from_clip(dense.config, num_experts, top_k, moe_layers)
     with torch.device("meta"):
         moe = CLIPMoeModel(config)

@@ -47,7 +47,7 @@ class UpcycleCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         from ..clip_moe.convert import is_clip_folder
         from ..errors import MoEGRPOError
-        from ..upcycle import parameter_report, upcycle
+        from ..upcycle import ExpertInit, parameter_report, upcycle
 
         if args.dry_run and args.source is not None and is_clip_folder(args.source):
             from ..clip_moe.convert import clip_parameter_summary
@@ -64,6 +64,13 @@ class UpcycleCommand(Command):
             raise MoEGRPOError("Pass SOURCE and --output DIR (or --dry-run to only count parameters).")
         if args.init == "multiplet" and not is_clip_folder(args.source):
             raise MoEGRPOError("--init multiplet (Diversified Multiplet Upcycling) applies to CLIP sources only.")
+        init = ExpertInit(
+            args.init,
+            noise_std=args.noise_std,
+            drop_ratio=args.drop_ratio,
+            router_std=args.router_std,
+            seed=args.seed,
+        )
         if is_clip_folder(args.source):  # CLIP -> CLIP-MoE: the vision encoder's MLPs become experts
             from ..clip_moe.convert import upcycle_clip
             from ..loading import load_dataset_split
@@ -75,11 +82,7 @@ class UpcycleCommand(Command):
                 args.output,
                 args.num_experts,
                 args.top_k,
-                init=args.init,
-                noise_std=args.noise_std,
-                drop_ratio=args.drop_ratio,
-                router_std=args.router_std,
-                seed=args.seed,
+                init=init,
                 overwrite=args.overwrite,
                 pairs=pairs,
             )
@@ -90,11 +93,7 @@ class UpcycleCommand(Command):
             args.output,
             args.num_experts,
             args.top_k,
-            init=args.init,
-            noise_std=args.noise_std,
-            drop_ratio=args.drop_ratio,
-            router_std=args.router_std,
-            seed=args.seed,
+            init=init,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
         )

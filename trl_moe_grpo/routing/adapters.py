@@ -53,6 +53,9 @@ class RouterAdapter:
     # Set when the router scores more experts than the block computes and maps the extra (skip) experts itself to
     # expert 0 with weight 0: sampled and replayed sets must be mapped the same way before the experts see them.
     computed_experts: int | None = None
+    # Set when the block weighs the chosen set by its own rule from the logits `pack` hands it, ignoring `weights`
+    # (logits-only routers, DBRX): other weights than the rule's reach it only as other logits.
+    weights_from_logits: bool = False
 
     def __init__(self, router: nn.Module, top_k: int | None = None, num_experts: int | None = None):
         self.router = router
@@ -317,6 +320,7 @@ class LogitsOnlyContract:
     """
 
     route: Callable  # the block's `route_tokens_to_experts`
+    weights_from_logits = True
 
     def unpack(self, output):
         weights, indices = self.route(output)

@@ -4,18 +4,21 @@ Token-choice routings (top-K, sampling, noisy top-K) decide each token on its ow
 layer's whole batch at once, which is why they balance the experts' loads by construction:
 
 - **Expert Choice** (Zhou et al., 2022): every expert picks the `C` tokens it scores highest, with capacity
-  `C = ceil(capacity_factor * tokens * top_k / num_experts)`. A token may be picked by any number of experts, none
-  included.
+  `C = ceil(capacity_factor * tokens * top_k / num_experts)`, so every expert's load is exactly `C`. A token keeps
+  every expert that picked it, any number from none to all.
 - **Sinkhorn** (optimal-transport routing, as in BASE / S-BASE layers): a few Sinkhorn iterations rescale the
   token-expert score matrix towards equal expert marginals; each token then takes the top-K of the balanced scores.
+  What is balanced is the *probability mass* each expert receives over the batch (the matrix's column sums), not the
+  count of tokens each expert is dispatched to: the final top-K is taken per token, so the dispatched loads are
+  only approximately equal. BASE layers solve the assignment itself (an auction algorithm, one expert per token).
 
 Because a token's experts depend on the other tokens of the batch, later ones included, these are *training-time*
 routings only: a causal model cannot route that way while decoding, so evaluation and inference use the stock top-K.
 
 Both functions are pure tensor math on `[rows, num_experts]` scores (the router's selection log-probabilities) with an
 optional `[rows]` token mask: masked rows (padding) neither take capacity nor carry mass, and what they are given back
-is only a placeholder the caller replaces. Every returned id lies in `[0, num_experts)`, so it can go to transformers'
-experts kernels as is.
+is only a placeholder. Every returned id lies in `[0, num_experts)`, so it can go to transformers' experts kernels as
+is (they read the number of slots per token from the ids' shape).
 """
 
 from __future__ import annotations
@@ -27,20 +30,24 @@ import torch
 
 
 class ExpertChoiceAssignment(NamedTuple):
-    """The result of `expert_choice`, laid out for kernels that take exactly `top_k` expert ids per token.
+    """The result of `expert_choice`: every token's choosing experts, in a slot layout as wide as the widest token.
+
+    Expert kernels take the same number of expert ids for every token, while under Expert Choice a token is taken by
+    any number of experts, none included. The layout is therefore `width` slots per token, `width` the largest number
+    of experts that chose any token of the batch (at least 1); a token chosen by fewer fills its remaining slots with
+    placeholders, valid expert ids the caller gives weight exactly 0.
 
     Attributes:
         indices (`torch.Tensor`):
-            `[rows, top_k]` int64 distinct expert ids per row, all in `[0, num_experts)`. The experts that chose the
+            `[rows, width]` int64 distinct expert ids per row, all in `[0, num_experts)`. The experts that chose the
             token come first (highest selection score first); the remaining slots hold the token's best-scored
             experts that did not choose it, as placeholders.
         active (`torch.Tensor`):
-            `[rows, top_k]` bool: the slot holds an expert that chose the token. Always a prefix of the row; the
-            caller gives the other slots weight exactly 0, so they contribute nothing.
+            `[rows, width]` bool: the slot holds an expert that chose the token. Always a prefix of the row, of length
+            `num_choices`.
         num_choices (`torch.Tensor`):
-            `[rows]` int64: how many experts chose the token before truncation to `top_k` (0 for masked rows). A
-            token with 0 is dropped (the residual connection passes it through); one with more than `top_k` keeps
-            only its `top_k` highest-scored choices (truncated).
+            `[rows]` int64: how many experts chose the token (0 for masked rows). A token with 0 is dropped (the
+            residual connection passes it through).
         capacity (`int`):
             `C`, the number of tokens each expert picked (fewer only where an expert had fewer finite scores).
     """
@@ -76,14 +83,19 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 def expert_choice(
     scores: torch.Tensor, top_k: int, capacity_factor: float = 1.0, token_mask: torch.Tensor | None = None
 ) -> ExpertChoiceAssignment:
-    """Expert Choice routing: each expert picks its top-`C` tokens among the unmasked rows.
+    """Expert Choice routing (Zhou et al., 2022): each expert picks its top-`C` tokens among the unmasked rows.
+
+    A token keeps every expert that picked it, 0 to `num_experts` of them; the slot layout is as wide as the token
+    with the most (see [`ExpertChoiceAssignment`]). Each expert's load is exactly `C` (fewer only where it has fewer
+    finite scores than `C`).
 
     Args:
         scores (`torch.Tensor`):
             `[rows, num_experts]` selection scores, e.g. log-probabilities (any monotone transform of the selection
             probability ranks tokens the same way). `-inf` entries are never picked.
         top_k (`int`):
-            Expert slots per token in the returned layout (the model's `num_experts_per_tok`); also sets the capacity.
+            The model's `num_experts_per_tok`: sets the capacity, so that on average a token gets `top_k` experts at
+            `capacity_factor=1`.
         capacity_factor (`float`, *optional*, defaults to `1.0`):
             Scales the capacity `C = ceil(capacity_factor * tokens * top_k / num_experts)`, `tokens` being the number
             of unmasked rows.
@@ -91,9 +103,7 @@ def expert_choice(
             `[rows]` truthy for tokens that take part (not padding). `None`: every row does.
 
     Returns:
-        [`ExpertChoiceAssignment`]: ids, active slots, choice counts and the capacity. A token chosen by more than
-        `top_k` experts keeps its `top_k` highest-scored choices (the kernels take exactly `top_k` ids per token); a
-        token chosen by fewer has placeholder slots marked inactive; a token chosen by none has no active slot.
+        [`ExpertChoiceAssignment`]: ids, active slots, choice counts and the capacity.
     """
     valid = _row_mask(scores, token_mask)
     rows, num_experts = scores.shape
@@ -108,12 +118,13 @@ def expert_choice(
         chosen.scatter_(0, picked, True)
         chosen &= torch.isfinite(masked)  # a -inf score (padding, or an expert masked out) is never a real pick
     num_choices = chosen.sum(-1)
+    width = max(1, int(num_choices.max())) if rows else 1
 
     # Rank within a row: chosen experts first, each group by score (two stable sorts, so no tie or rounding can mix
     # the groups); masked rows rank by their own scores (placeholders only).
     by_score = scores.nan_to_num(nan=float("-inf")).argsort(dim=-1, descending=True, stable=True)
     chosen_first = (~chosen.gather(-1, by_score)).to(torch.uint8).argsort(dim=-1, stable=True)
-    indices = by_score.gather(-1, chosen_first)[:, :top_k]
+    indices = by_score.gather(-1, chosen_first)[:, :width]
     active = chosen.gather(-1, indices)
     return ExpertChoiceAssignment(indices, active, num_choices, capacity)
 
@@ -162,6 +173,9 @@ def sinkhorn_top_k(
     log_scores: torch.Tensor, top_k: int, iterations: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Each token's top-`top_k` experts under the Sinkhorn-balanced scores (see `sinkhorn_log_scores`).
+
+    The balancing equalizes the probability mass each expert gets over the batch, not the number of tokens it is
+    dispatched to: the top-K is then taken per token, so dispatched loads are close to, but not exactly, equal.
 
     Returns:
         `torch.Tensor`: `[rows, top_k]` int64 distinct expert ids in `[0, num_experts)`, highest balanced score first.

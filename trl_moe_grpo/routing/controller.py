@@ -6,7 +6,7 @@ exactly what the stock model computes. The other modes replace the router's `(we
 adapter's `unpack`/`pack`, whatever the router's output contract) before the experts run:
 
 - `sample`: Gumbel-top-K draws from the selection distribution (optionally modality-masked), recorded as a trace;
-- `noise`: Gaussian noise on the selection log-scores, then top-K (the Stoch-FT-Noise baseline), recorded too;
+- `noise`: Gaussian noise on the selection log-scores, then top-K (the "noise" exploration ablation), recorded too;
 - `replay`: the recorded expert ids of a trace; mixing weights and logits come from the live router, so gradients
   reach it. Each replayed forward also *captures* the live logits and the routed sets for the losses.
 
@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import MoEGRPOError
 from .adapters import RouterAdapter, find_routers
 from .assignment import expert_choice, sinkhorn_top_k
-from .sampling import gumbel_top_k, noisy_top_k
+from .sampling import gumbel_top_k, noisy_top_k, tempered_log_probs
 
 RolloutRouting = Literal["topk", "sample", "noise"]
 TrainingRouting = Literal["topk", "sample", "noise", "expert_choice", "sinkhorn"]
@@ -69,20 +69,37 @@ class TrainingCapture(LayerCapture):
     """What one MoE layer did in a `training_routing` forward, rows in `(batch, token)` order.
 
     The fields of [`LayerCapture`] mean: `logits` the live router logits (with gradients in training); `recorded`
-    and `dispatched` both the `[rows, top_k]` expert ids the tokens were sent to; `top_k` the router's stock choice;
-    `valid` whether the token counts (its attention mask is 1). Padding rows keep the stock routing.
+    and `dispatched` both the `[rows, slots]` expert ids the tokens were sent to; `top_k` the router's stock choice
+    (`[rows, top_k]`); `valid` whether the token counts (its attention mask is 1). `slots` is `top_k` except under
+    `expert_choice`, where it is the largest number of experts that chose any token of the batch in this layer.
 
     Attributes:
         active (`torch.Tensor`):
-            `[rows, top_k]` bool: the slot carries the router's weight. `False` only under `expert_choice`, for
-            placeholder slots of tokens that fewer than `top_k` experts chose; those slots have weight exactly 0.
+            `[rows, slots]` bool: the slot carries weight. `False` only under `expert_choice`, for the placeholder
+            slots of tokens that fewer than `slots` experts chose (and every slot of a padding token); those slots
+            have weight exactly 0.
         num_choices (`torch.Tensor`):
-            `[rows]` int64: how many experts chose the token. Under `expert_choice` it can be 0 (a dropped token) or
-            more than `top_k` (a truncated one); other modes always choose `top_k`.
+            `[rows]` int64: how many experts chose the token. Under `expert_choice` any number from 0 (a dropped
+            token) to `num_experts`; other modes always choose `top_k`.
+        logit_noise (`torch.Tensor` or `None`):
+            `[rows, num_experts]` float32 under `noise` with noisy mixing weights: the noise the mixing weights'
+            logits carry (the same draw that chose the experts); `None` otherwise.
     """
 
     active: torch.Tensor
     num_choices: torch.Tensor
+    logit_noise: torch.Tensor | None = None
+
+
+def stacked_slots(captures: list[TrainingCapture]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(dispatched, active)`, each `[layers, rows, slots]`: the layers' slot layouts padded to the widest.
+
+    Expert Choice gives each layer its own width (the most experts any token got); padding slots are inactive.
+    """
+    width = max(c.dispatched.shape[-1] for c in captures)
+    dispatched = [torch.nn.functional.pad(c.dispatched, (0, width - c.dispatched.shape[-1])) for c in captures]
+    active = [torch.nn.functional.pad(c.active, (0, width - c.active.shape[-1]), value=False) for c in captures]
+    return torch.stack(dispatched), torch.stack(active)
 
 
 class TrainingRoutes:
@@ -92,14 +109,23 @@ class TrainingRoutes:
     layer (checkpoint recompute during backward, or a second forward on the same token ids) dispatches the same ids.
     """
 
-    def __init__(self, mode: str, noise_std: float, capacity_factor: float, sinkhorn_iterations: int):
+    def __init__(
+        self,
+        mode: str,
+        noise_std: float,
+        capacity_factor: float,
+        sinkhorn_iterations: int,
+        noisy_mixing_weights: bool = True,
+    ):
         self.mode = mode
         self.noise_std = noise_std
+        self.noisy_mixing_weights = noisy_mixing_weights
         self.capacity_factor = capacity_factor
         self.sinkhorn_iterations = sinkhorn_iterations
         self.token_mask: torch.Tensor | None = None  # [rows] bool of the batch
         self._batch: torch.Tensor | None = None  # the token ids (or embeddings) the routes belong to
-        self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (indices, active)
+        # layer -> (indices, active, logit noise or None): what a recompute must route and weigh the same way.
+        self._routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._captures: dict[int, TrainingCapture] = {}
 
     def captures(self) -> list[TrainingCapture]:
@@ -181,11 +207,19 @@ class RoutingController:
                 "Routing traces need one shape for every layer."
             )
         ((self.num_experts, self.top_k),) = shapes
+        if not 1 <= self.top_k <= self.num_experts:
+            # transformers' routers would fail at the first forward with torch.topk's "selected index k out of range".
+            raise MoEGRPOError(
+                f"The routers of `{type(model).__name__}` pick top_k={self.top_k} of num_experts={self.num_experts} "
+                "experts: top_k must be between 1 and num_experts. Set the model config's `num_experts_per_tok` "
+                "(top-K) to at most the number of experts."
+            )
         self.num_layers = len(self.adapters)
         self.vision_token_ids = torch.tensor(sorted(set(vision_token_ids)), dtype=torch.long)
 
         self.mode: Literal["topk", "sample", "noise", "replay"] = "topk"
         self.noise_std = 1.0
+        self.temperature = 1.0  # of `sample` rollouts: draws from softmax(log p / T)
         self.expert_masks: torch.Tensor | None = None  # [layers, 2, experts] bool: True = may be drawn
         self._recording: RolloutRecording | None = None
         self._call_shape: tuple[int, int] | None = None
@@ -238,18 +272,28 @@ class RoutingController:
         self.expert_masks = masks
 
     @contextlib.contextmanager
-    def rollout(self, routing: RolloutRouting, noise_std: float = 1.0) -> Iterator[RolloutRecording]:
-        """Route with `routing` and record every call's expert ids while the context is open."""
+    def rollout(
+        self, routing: RolloutRouting, noise_std: float = 1.0, temperature: float = 1.0
+    ) -> Iterator[RolloutRecording]:
+        """Route with `routing` and record every call's expert ids while the context is open.
+
+        `temperature` tempers `sample` routing: K experts are drawn without replacement from `softmax(log p / T)`
+        (`sampling.tempered_log_probs`), `p` the (masked) selection distribution.
+        """
         if routing not in ("topk", "sample", "noise"):
             raise MoEGRPOError(f"Unknown rollout routing {routing!r}: use 'topk', 'sample' or 'noise'.")
+        if not temperature > 0:
+            raise MoEGRPOError(f"The routing temperature must be positive, got {temperature}.")
         self._refuse_inside_training_routing("rollout")
         previous = self.mode
         recording = RolloutRecording(steps=[])
         self.mode, self.noise_std, self._recording = routing, noise_std, recording
+        self.temperature = temperature
         try:
             yield recording
         finally:
             self.mode, self._recording, self._call_shape = previous, None, None
+            self.temperature = 1.0
 
     @contextlib.contextmanager
     def capture(self, selection_probs: bool = True) -> Iterator[RolloutRecording]:
@@ -300,9 +344,10 @@ class RoutingController:
     def training_routing(
         self,
         mode: TrainingRouting,
-        noise_std: float = 1.0,
+        noise_std: float | None = None,
         capacity_factor: float = 1.0,
         sinkhorn_iterations: int = 3,
+        noisy_mixing_weights: bool = True,
     ) -> Iterator[TrainingRoutes]:
         """Route one training batch with `mode` and capture, per layer, what the routers did.
 
@@ -312,16 +357,21 @@ class RoutingController:
         context routes one batch: calling the model on other token ids inside it is an error.
 
         Modes (only the router's `(logits, weights, indices)` output is replaced; the experts' compute is the
-        model's own, and mixing weights always come from the live logits through the router family's rule, so
-        gradients reach the routers):
+        model's own, and mixing weights always come from the live logits, so gradients reach the routers):
 
         - `topk`: the stock routing, untouched (outputs bit-identical to a model without the controller);
         - `sample`: `top_k` experts drawn without replacement from the selection distribution (Stoch-FT-Multi);
-        - `noise`: Gaussian noise of std `noise_std` on the selection log-scores, then top-K (Stoch-FT-Noise);
+          mixing weights by the router family's rule;
+        - `noise`: V-MoE's noisy top-K (Stoch-FT-Noise): Gaussian noise of std `noise_std` (`None`: `1 /
+          num_experts`, V-MoE's choice) on the router logits, then the top-K of the noisy selection distribution.
+          With `noisy_mixing_weights` (V-MoE) the router family's mixing rule is applied to the *noisy* logits (the
+          noisy softmax's values), else to the noise-free ones;
         - `expert_choice`: each expert takes its top-`C` tokens of the batch, `C = ceil(capacity_factor * tokens *
-          top_k / num_experts)`. A token chosen by fewer than `top_k` experts gets weight exactly 0 on its free
-          slots (which hold valid placeholder ids), one chosen by none passes through the residual only, one chosen
-          by more keeps its `top_k` highest-probability choices;
+          top_k / num_experts)`, and a token keeps every expert that chose it, 0 to `num_experts` of them, weighted
+          by its gate probability for that expert (`exp(selection log-prob)`, not renormalized), as in Zhou et al.
+          The experts receive `[rows, slots]` ids, `slots` the most experts any token of the layer got; a token's
+          free slots hold valid placeholder ids of weight exactly 0, and one chosen by none passes through the
+          residual only;
         - `sinkhorn`: `sinkhorn_iterations` Sinkhorn iterations balance the batch's selection probabilities to
           equal expert marginals (for softmax routers the same as balancing `exp(logits)`: per-token constants
           cancel); each token takes the top-K of the balanced scores.
@@ -329,13 +379,16 @@ class RoutingController:
         The batch-level modes (`expert_choice`, `sinkhorn`) route a token by looking at the other tokens of the
         batch, later ones included, so they are for training only: evaluate and decode with `topk`. Padding tokens
         (attention mask 0 in the model call; no mask means every token counts) take no capacity and no mass, and
-        keep the stock routing. Expert masks (modality guidance) restrict `sample` and `noise` as in rollouts.
+        keep the stock routing (under `expert_choice`: no expert, weight 0). Expert masks (modality guidance)
+        restrict `sample` and `noise` as in rollouts.
 
         Yields:
             [`TrainingRoutes`]: its `captures()` lists a [`TrainingCapture`] per layer once the model has run.
         """
         if mode not in TRAINING_ROUTINGS:
             raise MoEGRPOError(f"Unknown training routing {mode!r}: use one of {TRAINING_ROUTINGS}.")
+        if noise_std is None:
+            noise_std = 1.0 / self.num_experts  # V-MoE (Riquelme et al., 2021)
         if noise_std < 0:
             raise MoEGRPOError(f"`noise_std` must be >= 0, got {noise_std}.")
         if capacity_factor <= 0:
@@ -343,12 +396,21 @@ class RoutingController:
         if sinkhorn_iterations < 0:
             raise MoEGRPOError(f"`sinkhorn_iterations` must be >= 0, got {sinkhorn_iterations}.")
         self._refuse_inside_training_routing("training_routing")
+        if mode == "expert_choice":
+            for name, adapter in zip(self.layer_names, self.adapters):
+                if adapter.weights_from_logits:
+                    raise MoEGRPOError(
+                        f"`expert_choice` cannot route `{name}` (`{type(adapter.router).__name__}`): the router "
+                        "returns only logits and its block takes its own top-K of them, so a token cannot get more "
+                        "or fewer than top_k experts, nor a placeholder of weight 0. Use `sample`, `noise` or "
+                        "`sinkhorn` for this family."
+                    )
         if self.mode != "topk" or self._recording is not None:
             raise MoEGRPOError(
                 f"`training_routing` was opened while the controller is in {self.mode!r} mode"
                 f"{' and recording a rollout' if self._recording is not None else ''}; close that first."
             )
-        routes = TrainingRoutes(mode, noise_std, capacity_factor, sinkhorn_iterations)
+        routes = TrainingRoutes(mode, noise_std, capacity_factor, sinkhorn_iterations, noisy_mixing_weights)
         self._training = routes
         try:
             yield routes
@@ -524,7 +586,7 @@ class RoutingController:
         if self.mode in ("sample", "noise"):
             log_probs = self._masked(adapter.selection_log_probs(logits), layer, rows)
             if self.mode == "sample":
-                indices = gumbel_top_k(log_probs, self.top_k)
+                indices = gumbel_top_k(tempered_log_probs(log_probs, self.temperature), self.top_k)
             else:
                 indices = noisy_top_k(log_probs, self.top_k, self.noise_std)
             weights = adapter.mixing_weights(logits, indices, like=weights)
@@ -604,13 +666,15 @@ class RoutingController:
         valid = state.token_mask.to(logits.device)
         drawn = state._routes.get(layer)
         if drawn is None:
-            indices, active, num_choices = self._draw(state, layer, adapter, logits, top_k, valid)
-            state._routes[layer] = (indices, active)
-            state._captures[layer] = TrainingCapture(logits, indices, indices, top_k, valid, active, num_choices)
+            indices, active, num_choices, noise = self._draw(state, layer, adapter, logits, top_k, valid)
+            state._routes[layer] = (indices, active, noise)
+            state._captures[layer] = TrainingCapture(
+                logits, indices, indices, top_k, valid, active, num_choices, noise
+            )
         else:
             # This layer already ran for this batch: a checkpoint recompute (or a repeated forward on the same
             # ids) dispatches exactly what was drawn, with weights recomputed from the live logits.
-            indices, active = drawn
+            indices, active, noise = drawn
             if indices.shape[0] != rows:
                 raise MoEGRPOError(
                     f"Router `{self.layer_names[layer]}` ran again with {rows} tokens, but routes were drawn for "
@@ -618,47 +682,44 @@ class RoutingController:
                 )
         if state.mode == "topk":
             return None  # stock output, untouched
-        weights = torch.where(valid[:, None], self._set_weights(adapter, logits, indices, active, weights), weights)
-        return adapter.pack(output, logits, weights, indices)
+        if state.mode == "expert_choice":
+            # Zhou et al.: the token's gate probability for each expert that chose it; placeholders (and padding) 0.
+            probs = adapter.selection_log_probs(logits).exp().gather(-1, indices)
+            return adapter.pack(output, logits, (probs * active).to(weights.dtype), indices)
+        weight_logits = logits if noise is None else logits + noise.to(logits.dtype)
+        routed = adapter.mixing_weights(weight_logits, indices, like=weights)
+        if adapter.weights_from_logits and noise is not None:
+            # The block weighs the set by its own rule from the logits it is handed (DBRX), so the noisy mixing
+            # weights reach it as the noisy logits (padding rows keep the stock ones).
+            logits = torch.where(valid[:, None], weight_logits, logits)
+        return adapter.pack(output, logits, torch.where(valid[:, None], routed, weights), indices)
 
     def _draw(self, state: TrainingRoutes, layer: int, adapter: RouterAdapter, logits, top_k, valid):
-        """`(indices, active, num_choices)` for one layer of the batch; padding rows keep the stock top-K."""
+        """`(indices, active, num_choices, weight noise)` for one layer of the batch.
+
+        Padding rows keep the stock top-K (under `expert_choice`: inactive placeholders). The noise is what the
+        mixing weights add to the logits (`noise` mode with noisy mixing weights), else `None`.
+        """
         rows = logits.shape[0]
         all_active = torch.ones_like(top_k, dtype=torch.bool)
         num_choices = torch.full((rows,), self.top_k, dtype=torch.long, device=logits.device)
         if state.mode == "topk":
-            return top_k, all_active, num_choices
+            return top_k, all_active, num_choices, None
+        noise = None
         with torch.no_grad():
             log_probs = adapter.selection_log_probs(logits.detach())
             if state.mode == "sample":
                 indices = gumbel_top_k(self._masked(log_probs, layer), self.top_k)
             elif state.mode == "noise":
-                indices = noisy_top_k(self._masked(log_probs, layer), self.top_k, state.noise_std)
+                # V-MoE: noise on the router logits (for softmax routers the same as on the log-scores).
+                noise = state.noise_std * torch.randn(logits.shape, device=logits.device, dtype=torch.float32)
+                noisy = self._masked(adapter.selection_log_probs(logits.detach().float() + noise), layer)
+                indices = noisy.topk(self.top_k, dim=-1).indices
+                noise = noise if state.noisy_mixing_weights else None
             elif state.mode == "sinkhorn":
                 indices = sinkhorn_top_k(log_probs, self.top_k, state.sinkhorn_iterations, valid)
             else:
                 choice = expert_choice(log_probs, self.top_k, state.capacity_factor, valid)
-                indices, num_choices = choice.indices, choice.num_choices
-                all_active = choice.active | ~valid[:, None]
+                return choice.indices.to(top_k.dtype), choice.active, choice.num_choices, None
         indices = torch.where(valid[:, None], indices.to(top_k.dtype), top_k)
-        return indices, all_active, num_choices
-
-    @staticmethod
-    def _set_weights(adapter: RouterAdapter, logits, indices, active, like) -> torch.Tensor:
-        """The router's own mixing weights for each row's active experts (a prefix of the row); 0 on other slots."""
-        if bool(active.all()):
-            return adapter.mixing_weights(logits, indices, like=like)
-        weights = torch.zeros(indices.shape, dtype=like.dtype, device=like.device)
-        count = active.sum(-1)
-        for size in range(1, indices.shape[1] + 1):
-            rows = count == size
-            if bool(rows.any()):
-                # The rule for a set of `size` experts (renormalization over the set included), not for a padded one.
-                weights = weights.index_put(
-                    (rows.nonzero(as_tuple=True)[0],),
-                    torch.nn.functional.pad(
-                        adapter.mixing_weights(logits[rows], indices[rows, :size], like=like),
-                        (0, indices.shape[1] - size),
-                    ),
-                )
-        return weights
+        return indices, all_active, num_choices, noise

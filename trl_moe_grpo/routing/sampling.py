@@ -34,6 +34,18 @@ def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | N
     return torch.topk(keys, k, dim=-1, sorted=True).indices
 
 
+def tempered_log_probs(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log of the tempered selection distribution `q_T = softmax(log p / T)`, i.e. `p ** (1 / T)` renormalized.
+
+    For softmax routers `log p = z + m - const`, so this is `softmax((z + m) / T)`: the law sampled routing draws from
+    at `rollout_routing_temperature=T`, and the one Gate-GRPO scores sets under (`docs/design.md` §2). `-inf` entries
+    (masked experts) stay `-inf`. `T = 1` returns `log_probs` itself, so the paper's path is unchanged bit for bit.
+    """
+    if temperature == 1.0:
+        return log_probs
+    return torch.log_softmax(log_probs.float() / temperature, dim=-1)
+
+
 def noisy_top_k(log_probs: torch.Tensor, k: int, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Top-`k` of log-probabilities perturbed with Gaussian noise of standard deviation `std`.
 

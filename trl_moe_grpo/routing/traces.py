@@ -73,3 +73,29 @@ def pad_routes(
     prompts = pad(prompt_routes, padding_value=-1, padding_side="left", pad_to_multiple_of=pad_to_multiple_of)
     completions = pad(completion_routes, padding_value=-1, padding_side="right", pad_to_multiple_of=pad_to_multiple_of)
     return torch.cat([prompts, completions], dim=1)
+
+
+def unpad_routes(
+    routes: torch.Tensor,
+    prompt_lengths: list[int],
+    completion_lengths: list[int],
+    pad_to_multiple_of: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The per-rollout traces `pad_routes` batched: its inverse, for rows whose unpadded lengths are known.
+
+    Returns:
+        `(prompt_routes, completion_routes)`: lists of `[length, layers, top_k]` tensors (views of `routes`).
+    """
+    if routes.shape[0] != len(prompt_lengths) or routes.shape[0] != len(completion_lengths):
+        raise MoEGRPOError(
+            f"A trace of {routes.shape[0]} rows was given {len(prompt_lengths)} prompt and {len(completion_lengths)} "
+            "completion lengths."
+        )
+    prompt_width = max(prompt_lengths, default=0)
+    if pad_to_multiple_of and prompt_width % pad_to_multiple_of:
+        prompt_width += pad_to_multiple_of - prompt_width % pad_to_multiple_of
+    if prompt_width + max(completion_lengths, default=0) > routes.shape[1]:
+        raise MoEGRPOError(f"A trace of {routes.shape[1]} tokens cannot hold these prompt and completion lengths.")
+    prompt_routes = [routes[row, prompt_width - n : prompt_width] for row, n in enumerate(prompt_lengths)]
+    completion_routes = [routes[row, prompt_width : prompt_width + n] for row, n in enumerate(completion_lengths)]
+    return prompt_routes, completion_routes

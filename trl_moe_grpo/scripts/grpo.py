@@ -197,26 +197,29 @@ def reward_funcs_registry() -> dict[str, Callable]:
 
 def resolve_reward_funcs(script_args: GRPOScriptArguments) -> list[Callable | str]:
     """The trainer's `reward_funcs`: the reward model (if any), then each reward function by name or dotted path."""
-    registry = reward_funcs_registry()
     reward_funcs: list[Callable | str] = []
     if script_args.reward_model_name_or_path:
         reward_funcs.append(script_args.reward_model_name_or_path)
-    for name in script_args.reward_funcs or []:
-        if name in registry:
-            reward_funcs.append(registry[name])
-        elif "." in name:
-            reward_funcs.append(_import_reward(name))
-        else:
-            raise MoEGRPOError(
-                f"Unknown reward function {name!r}: expected one of {sorted(registry)} or a dotted import path "
-                "(e.g. `my_lib.rewards.custom_reward`)."
-            )
+    reward_funcs += [load_reward_function(name) for name in script_args.reward_funcs or []]
     if not reward_funcs:
         raise MoEGRPOError(
             "No reward: name reward functions (e.g. `reward_funcs: [accuracy_reward]`, or a dotted path to your "
             "own) or a `reward_model_name_or_path`."
         )
     return reward_funcs
+
+
+def load_reward_function(name: str) -> Callable:
+    """A reward function by name (TRL's script's, `reward_funcs_registry`) or dotted import path."""
+    registry = reward_funcs_registry()
+    if name in registry:
+        return registry[name]
+    if "." in name:
+        return _import_reward(name)
+    raise MoEGRPOError(
+        f"Unknown reward function {name!r}: expected one of {sorted(registry)} or a dotted import path "
+        "(e.g. `my_lib.rewards.custom_reward`)."
+    )
 
 
 def _import_reward(path: str) -> Callable:

@@ -2,7 +2,9 @@
 
 - `models.py`: tiny MoE language and vision-language models (Qwen3-MoE, InternVL, Qwen3-VL-MoE...) and their
   tokenizers and processors, for the tests, examples and benchmarks;
-- `clip.py`: a tiny dense CLIP and its tokenizer and image processor (`import trl_moe_grpo.testing.clip`).
+- `clip.py`: a tiny dense CLIP and its tokenizer and image processor (`import trl_moe_grpo.testing.clip`);
+- `planted.py`: the planted routing task, whose rewarded experts lie outside the initial top-K (the mechanism test of
+  `tests/test_planted.py`; `import trl_moe_grpo.testing.planted`).
 
 Runtime code never imports from here.
 """

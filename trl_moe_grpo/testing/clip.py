@@ -13,6 +13,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTo
 
 from ..clip_moe.images import IMAGE_SIZE, vocabulary
 from ..clip_moe.upcycle import upcycle_clip_model
+from ..upcycle.init import ExpertInit
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>", "<eos>"]  # eos is not 2: CLIP reads eos_token_id=2 as a legacy layout
 MAX_TEXT_LENGTH = 12
@@ -82,8 +83,12 @@ def tiny_clip(seed: int = 0, **vision_overrides) -> tuple[CLIPModel, PreTrainedT
     return model, tokenizer, build_image_processor()
 
 
-def tiny_clip_moe(seed: int = 0, num_experts: int = 4, top_k: int = 2, init: str = "noise", noise_std: float = 0.3):
-    """A tiny CLIP-MoE upcycled in memory from a random tiny CLIP (for tests), with tokenizer and image processor."""
+def tiny_clip_moe(seed: int = 0, num_experts: int = 4, top_k: int = 2, init: ExpertInit | str | None = None):
+    """A tiny CLIP-MoE upcycled in memory from a random tiny CLIP (for tests), with tokenizer and image processor.
+
+    `seed` seeds the dense CLIP; `init` defaults to `noise` of std 0.3 with the same seed.
+    """
     dense, tokenizer, image_processor = tiny_clip(seed, num_hidden_layers=2)
-    model = upcycle_clip_model(dense, num_experts=num_experts, top_k=top_k, init=init, noise_std=noise_std, seed=seed)
+    init = ExpertInit("noise", noise_std=0.3, seed=seed) if init is None else init
+    model = upcycle_clip_model(dense, num_experts=num_experts, top_k=top_k, init=init)
     return model.eval(), tokenizer, image_processor

@@ -5,6 +5,8 @@
 - `sft_config.py`, `sft_trainer.py`: `MoESFTConfig`, `MoESFTTrainer` (the fine-tuning baselines, on TRL's
   `SFTTrainer`);
 - `common.py`: what both add to their TRL trainer in the same way; `optim.py`: the routers' own learning rate;
+- `replay_state.py`: `ReplayState`, the rollout trace's hand-off from generation to the loss, and `ActiveRouting`,
+  which routing is active now (`MoEGRPOTrainer`);
 - `eval_routing.py`: the routing measured during `trainer.evaluate()`; `callbacks.py`: `MoEReportCallback`, the
   before/after report.
 """

@@ -23,11 +23,32 @@ from ..errors import MoEGRPOError
 logger = logging.get_logger(__name__)
 
 
-def plot_reward_curve(log_history: list[dict], path: Path) -> Path:
-    """Mean reward per logged step, with the within-group reward std (the GRPO learning signal)."""
+NO_STEP_LOGGED = "no training step was logged"
+
+
+def no_step_logged_note(max_steps: int, logging_steps: float) -> str:
+    """Why a run has no reward curve, with the fix."""
+    if logging_steps >= 1 and max_steps < logging_steps:
+        return (
+            f"{NO_STEP_LOGGED} (max_steps={max_steps} < logging_steps={logging_steps:g}): lower `logging_steps` "
+            "to draw the reward curve"
+        )
+    return f"{NO_STEP_LOGGED} (check `logging_strategy` and `logging_steps`)"
+
+
+def plot_reward_curve(log_history: list[dict], path: Path, note: str = NO_STEP_LOGGED) -> Path:
+    """Mean reward per logged step, with the within-group reward std (the GRPO learning signal).
+
+    With no logged step the figure says so (`note`) instead of drawing empty axes.
+    """
     plt = pyplot()
     steps = [log["step"] for log in log_history if "reward" in log]
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    if not steps:
+        ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title("MoE-GRPO training reward")
+        return save_figure(fig, path, dpi=120)
     ax.plot(steps, [log["reward"] for log in log_history if "reward" in log], marker="o", label="mean reward")
     within = [log.get("reward_std_within_group") for log in log_history if "reward" in log]
     if all(value is not None for value in within):
@@ -89,7 +110,13 @@ class MoEReportCallback(TrainerCallback):
             logger.warning("No report: training ended before the final evaluation ran.")
             return
         if state.is_world_process_zero:
-            self.report = write_report(self.evaluations[0], self.evaluations[-1], state.log_history, args.output_dir)
+            self.report = write_report(
+                self.evaluations[0],
+                self.evaluations[-1],
+                state.log_history,
+                args.output_dir,
+                no_step_note=no_step_logged_note(state.max_steps, args.logging_steps),
+            )
             print(format_report(self.report))
 
 
@@ -107,8 +134,14 @@ def expert_shares(counts: torch.Tensor) -> list[list[float]]:
     return (load / load.sum(-1, keepdim=True).clamp(min=1)).tolist()
 
 
-def write_report(before: dict, after: dict, log_history: list[dict], output_dir: str | Path) -> dict[str, Any]:
-    """Write `report.json` (and the figures, with matplotlib) from two evaluations; return the report."""
+def write_report(
+    before: dict, after: dict, log_history: list[dict], output_dir: str | Path, no_step_note: str = NO_STEP_LOGGED
+) -> dict[str, Any]:
+    """Write `report.json` (and the figures, with matplotlib) from two evaluations; return the report.
+
+    When no training step was logged, `no_step_note` (why, and the fix) goes into the report as `rewards_note`, the
+    log and the reward-curve figure, which is still written.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     evaluations = {"before": before, "after": after}
@@ -121,9 +154,12 @@ def write_report(before: dict, after: dict, log_history: list[dict], output_dir:
         "rewards": [{"step": log["step"], "reward": log["reward"]} for log in log_history if "reward" in log],
         "files": {"reward_curve": None, "expert_utilization": None},
     }
+    if not report["rewards"]:
+        report["rewards_note"] = no_step_note
+        logger.warning(f"The report has no reward curve: {no_step_note}.")
     if has_matplotlib():
         report["files"] = {
-            "reward_curve": str(plot_reward_curve(log_history, output_dir / "reward_curve.png")),
+            "reward_curve": str(plot_reward_curve(log_history, output_dir / "reward_curve.png", no_step_note)),
             "expert_utilization": str(
                 plot_expert_utilization(shares["before"], shares["after"], output_dir / "expert_utilization.png")
             ),
@@ -149,6 +185,8 @@ def format_report(report: dict[str, Any]) -> str:
     for label, key in rows.items():
         if before[key] is not None and after[key] is not None:
             lines.append(f"{label:<47} {before[key]:6.3f}  {after[key]:6.3f}")
+    if report.get("rewards_note"):
+        lines.append(f"training reward: {report['rewards_note']}")
     files = [path for path in report["files"].values() if path]
     if files:
         lines.append(f"files: {', '.join(files)}")

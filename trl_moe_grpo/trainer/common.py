@@ -13,7 +13,8 @@ from transformers.utils import logging
 
 from ..errors import MoEGRPOError
 from ..routing import RoutingController, find_routers
-from .optim import set_router_learning_rate
+from .optim import set_router_learning_rate, warm_up_routers
+from .options import refuse_reentrant_checkpointing
 
 logger = logging.get_logger(__name__)
 
@@ -140,20 +141,27 @@ class MoETrainerMixin:
     def _refuse_reentrant_checkpointing(self) -> None:
         """The configs refuse reentrant checkpointing, but TRL turns it on after their check for PEFT models under
         DeepSpeed ZeRO-3 (trl#2514): refuse it again once TRL's `__init__` ran."""
-        args = self.args
-        if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise MoEGRPOError(
-                "Gradient checkpointing is reentrant (`use_reentrant=True`): TRL forces it for PEFT models under "
-                "DeepSpeed ZeRO-3 (trl#2514). Reentrant checkpointing runs the forward without autograd, so the "
-                "routers' probabilities would get no gradient. Set `gradient_checkpointing=False`, use ZeRO-2, or "
-                "train without PEFT."
-            )
+        refuse_reentrant_checkpointing(
+            self.args,
+            cause="Gradient checkpointing is reentrant (`use_reentrant=True`): TRL forces it for PEFT models under "
+            "DeepSpeed ZeRO-3 (trl#2514). ",
+            fix="Set `gradient_checkpointing=False`, use ZeRO-2, or train without PEFT.",
+        )
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.args.router_learning_rate is not None:
+        if self.args.router_learning_rate is not None or getattr(self.args, "router_warmup_steps", 0):
             set_router_learning_rate(optimizer, self.router_trainable_parameters(), self.args.router_learning_rate)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The scheduler of the Trainer, plus the routers' own linear warm-up (`router_warmup_steps`)."""
+        warmup = getattr(self.args, "router_warmup_steps", 0)
+        built = self.lr_scheduler is not None  # transformers builds it once; wrap it once
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if warmup and not built:
+            warm_up_routers(scheduler, warmup)
+        return scheduler
 
     def _take_over_balance_loss(self, policy, *others, policy_flag: bool | None = None) -> None:
         """Compute the load-balancing loss ourselves, on the experts the tokens were dispatched to.

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from ..analysis.routing import ALL_TASKS, RoutingAnalysis, entropy, row_task, selection_counts
+from ..analysis.measures import MODALITIES, entropy, modality_token_mask, selection_counts
+from ..analysis.routing import ALL_TASKS, RoutingAnalysis, row_task
 
 
 class EvalRoutingCollector:
@@ -27,18 +28,32 @@ class EvalRoutingCollector:
         self.tasks: list[str] = []
         self.gate_entropy_sum = torch.zeros(num_layers, dtype=torch.float64)
         self.num_tokens = 0
+        # Per modality, [batch, layers, experts] counts per batch; filled only when the batches' modality is given.
+        self.modality_counts: dict[str, list[torch.Tensor]] = {modality: [] for modality in MODALITIES}
 
     def add_rows(self, rows: Sequence[dict[str, Any]]) -> None:
         """The dataset rows of a generated evaluation batch, in the batch's order (one per completion)."""
         self.tasks += [row_task(row, self.task_column) for row in rows]
 
     @torch.no_grad()
-    def add_routing(self, routes: torch.Tensor, mask: torch.Tensor, gate_log_probs: torch.Tensor) -> None:
+    def add_routing(
+        self,
+        routes: torch.Tensor,
+        mask: torch.Tensor,
+        gate_log_probs: torch.Tensor,
+        token_modality: torch.Tensor | None = None,
+    ) -> None:
         """One scored batch: `routes` `[batch, tokens, layers, top_k]` (top-K in evaluation), `mask` `[batch, tokens]`
-        (the tokens with a route), `gate_log_probs` `[layers, batch * tokens, experts]`."""
+        (the tokens with a route), `gate_log_probs` `[layers, batch * tokens, experts]`, and optionally each token's
+        modality `[batch, tokens]` (`RoutingController.token_modality`) for the text / vision measures. Give it for
+        every batch of an evaluation or for none."""
         self.counts.append(selection_counts(routes, self.num_experts, mask).cpu())
+        if token_modality is not None:
+            for modality in MODALITIES:
+                modality_mask = modality_token_mask(token_modality.to(mask.device), modality, mask)
+                self.modality_counts[modality].append(selection_counts(routes, self.num_experts, modality_mask).cpu())
         per_token = entropy(gate_log_probs.exp(), dim=-1)  # [layers, rows]
-        valid = mask.reshape(-1).to(per_token.device)
+        valid = mask.reshape(-1).bool().to(per_token.device)  # an int mask would index rows, not select them
         self.gate_entropy_sum += per_token[:, valid].sum(-1).cpu()
         self.num_tokens += int(valid.sum())
 
@@ -55,6 +70,11 @@ class EvalRoutingCollector:
         num_tokens = sum(gather_object([self.num_tokens]))
         gate_entropy = torch.tensor(entropy_sums, dtype=torch.float64).sum(0) / max(num_tokens, 1)
         task_column = self.task_column if any(task != ALL_TASKS for task in tasks) else None
+        modality_counts = {}
+        if all(len(parts) == len(self.counts) for parts in self.modality_counts.values()) and self.counts:
+            for modality, parts in self.modality_counts.items():
+                gathered = gather_object(torch.cat(parts).tolist())
+                modality_counts[modality] = torch.tensor(gathered, dtype=torch.long).reshape(-1, *shape)
         return RoutingAnalysis(
             name=name,
             model=identity,
@@ -63,4 +83,6 @@ class EvalRoutingCollector:
             gate_entropy=gate_entropy,
             num_tokens=num_tokens,
             task_column=task_column,
+            modality_counts=modality_counts,
+            tokens="prompt and completion",
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +11,7 @@ from trl import GRPOConfig
 from ..errors import MoEGRPOError
 from ..losses import GATE_LOSS_TYPES
 from ..vllm_routing.options import check_vllm_generation_options
+from .options import check_router_options
 
 
 @dataclass
@@ -30,6 +32,12 @@ class MoEGRPOConfig(GRPOConfig):
         greedy_decoding (`bool` or `None`, *optional*, defaults to `None`):
             Decode the rollouts' tokens greedily. `None`: greedy when the routing is sampled (`"sample"`, `"noise"`),
             so rollouts differ only through routing as in the paper; sampled with `temperature` etc. under `"topk"`.
+        rollout_routing_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature `T` of the routing of `rollout_routing="sample"`: rollouts draw from `softmax((z + m) / T)`
+            (the selection distribution `p` raised to `1 / T` and renormalized), and Gate-GRPO scores the chosen sets
+            under the same tempered law for the current and the behaviour policy, so its ratio stays exact and is 1
+            on-policy. `T > 1` spreads the draws over more experts (more reward spread within a group), `T < 1`
+            concentrates them on the top-K. `1.0` is the paper's sampling. Evaluation and inference use top-K.
 
         > Parameters that control replay and the routing losses
 
@@ -54,6 +62,36 @@ class MoEGRPOConfig(GRPOConfig):
             Peak learning rate of the router weights, shaped by the same scheduler as `learning_rate`. `None` uses
             `learning_rate`. Upcycled routers start near zero, so at RL learning rates their routing barely moves in
             a short run; a larger router learning rate lets it.
+        router_warmup_steps (`int`, *optional*, defaults to `0`):
+            Linear warm-up of the routers' learning rate over this many optimizer steps (factor `step /
+            router_warmup_steps`, as transformers' linear warm-up), on top of the main scheduler, which keeps shaping
+            every learning rate (its own `warmup_steps` included). Adam's first steps move each weight by about the
+            learning rate whatever the gradient's size, which is noise until a signal accumulates. `0`: no warm-up of
+            their own. Needs a `LambdaLR`-based `lr_scheduler_type` (all of transformers' but
+            `reduce_lr_on_plateau`).
+
+        > Parameters that give the routing rewards a learning signal
+
+        zero_spread_groups (`str`, *optional*, defaults to `"keep"`):
+            What the losses do with the rows of groups whose G rewards are all equal (zero advantage: no policy
+            gradient). `"keep"`: TRL's behaviour, they count in the token and gate losses' normalizers and dilute the
+            useful gradient by the share of dead groups. `"exclude_from_normalizer"`: the normalizers of the token and
+            Gate-GRPO losses count only rows of groups with reward spread (rows for `grpo`, `sapo`, `dr_grpo`,
+            `luspo`; tokens or positions for `bnpo`, `dapo`, `cispo`, `vespo`), and the dead rows' advantages are set
+            to exactly 0 (TRL's are not when the rewards differ by less than its closeness test): the loss is then
+            the loss of the live rows alone. The balance loss and the entropy bonus are unchanged (`docs/design.md`
+            §11).
+        regenerate_zero_spread_groups (`int`, *optional*, defaults to `0`):
+            Regenerate the groups whose rewards are all equal up to this many times before training on the batch
+            (DAPO's dynamic sampling, on the same prompts): each attempt regenerates the whole generation batch and a
+            dead group takes the rollouts (routing traces included) of the first attempt in which it has reward
+            spread; groups that stay dead keep their first rollouts. Training only; costs up to this many extra
+            generations and reward evaluations per generation batch.
+        router_entropy_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of an entropy bonus on the routers' selection distributions (masked as the sampler masked them,
+            untempered), averaged over layers and over the Gate-GRPO positions with the normalization of
+            `loss_type`: `loss -= router_entropy_coef * entropy`. RL tends to collapse the routing entropy; the
+            paper reports it rising.
 
         > Parameters that control modality-aware router guidance (vision-language models)
 
@@ -141,6 +179,32 @@ class MoEGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Peak learning rate of the router weights (None: learning_rate)."},
     )
+    router_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Linear warm-up of the routers' learning rate over this many steps (0: none of their own)."},
+    )
+    rollout_routing_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Temperature of sampled rollout routing: draw from softmax((z + m) / T); Gate-GRPO scores sets "
+            "under the same tempered law (1.0: the paper's)."
+        },
+    )
+    zero_spread_groups: Literal["keep", "exclude_from_normalizer"] = field(
+        default="keep",
+        metadata={
+            "help": "Rows of groups whose rewards are all equal: 'keep' them in the loss normalizers (TRL) or "
+            "'exclude_from_normalizer'."
+        },
+    )
+    regenerate_zero_spread_groups: int = field(
+        default=0,
+        metadata={"help": "Regenerate groups whose rewards are all equal, up to N times (DAPO's dynamic sampling)."},
+    )
+    router_entropy_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an entropy bonus on the routers' selection distributions (0: off)."},
+    )
 
     modality_mask_ratio: float = field(
         default=0.25,
@@ -169,6 +233,7 @@ class MoEGRPOConfig(GRPOConfig):
             "rollout_routing": ("sample", "topk", "noise"),
             "gate_loss_positions": ("all", "completion"),
             "gate_set_logprob": ("set", "ordered"),
+            "zero_spread_groups": ("keep", "exclude_from_normalizer"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -184,10 +249,10 @@ class MoEGRPOConfig(GRPOConfig):
         for name in ("token_loss_coef", "gate_loss_coef"):
             if getattr(self, name) < 0:
                 raise MoEGRPOError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        check_router_options(self)
         if self.token_loss_coef == 0 and self.gate_loss_coef == 0:
             raise MoEGRPOError("`token_loss_coef` and `gate_loss_coef` are both 0: nothing would be trained.")
-        if self.router_learning_rate is not None and self.router_learning_rate < 0:
-            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
+        self._check_reward_signal_options()
         if self.gate_loss_coef > 0 and self.loss_type not in GATE_LOSS_TYPES:
             raise MoEGRPOError(
                 f"Gate-GRPO supports loss_type in {GATE_LOSS_TYPES}, got {self.loss_type!r}. Choose one of those, or "
@@ -205,15 +270,46 @@ class MoEGRPOConfig(GRPOConfig):
                 "Continuous-batching (paged) generation packs sequences in a way routing traces cannot follow yet. "
                 "Set `use_transformers_continuous_batching=False`."
             )
-        if self.use_liger_kernel:
-            raise MoEGRPOError(
-                "`use_liger_kernel=True` swaps the model's layers for Liger kernels, which bypass the router hooks "
-                "MoE-GRPO relies on. Set `use_liger_kernel=False`."
-            )
         if self.greedy_decoding is None:
             self.greedy_decoding = self.rollout_routing != "topk"
-        if self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+
+    def _check_reward_signal_options(self) -> None:
+        """The options that give routing rewards signal (`rollout_routing_temperature`, `zero_spread_groups`...)."""
+        temperature = self.rollout_routing_temperature
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise MoEGRPOError(f"`rollout_routing_temperature` must be a positive number, got {temperature!r}.")
+        if temperature != 1.0 and self.rollout_routing != "sample":
             raise MoEGRPOError(
-                "Reentrant gradient checkpointing runs the forward without autograd, so the gate probabilities "
-                "would get no gradient. Use `gradient_checkpointing_kwargs={'use_reentrant': False}` (TRL's default)."
+                f"`rollout_routing_temperature={temperature}` tempers sampled routing, but `rollout_routing="
+                f"{self.rollout_routing!r}` draws nothing from the gates' law (use `routing_noise_std` for 'noise'). "
+                "Set `rollout_routing='sample'`, or leave the temperature at 1.0."
+            )
+        if temperature != 1.0 and self.use_vllm:
+            raise MoEGRPOError(
+                "`rollout_routing_temperature` is not implemented for vLLM rollouts, which sample routes inside the "
+                "engine at temperature 1. Leave it at 1.0 with `use_vllm=True`, or generate with transformers."
+            )
+        for name in ("regenerate_zero_spread_groups", "router_warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise MoEGRPOError(f"`{name}` must be an integer >= 0, got {value!r}.")
+        if self.router_warmup_steps and self.lr_scheduler_type == "reduce_lr_on_plateau":
+            raise MoEGRPOError(
+                "`router_warmup_steps` scales the routers' factor of the learning-rate schedule, which "
+                "`lr_scheduler_type='reduce_lr_on_plateau'` does not have. Choose another scheduler, or set "
+                "`router_warmup_steps=0`."
+            )
+        if self.regenerate_zero_spread_groups and self.num_generations is not None and self.num_generations < 2:
+            raise MoEGRPOError(
+                "`regenerate_zero_spread_groups` needs groups of at least 2 rollouts (`num_generations >= 2`): a "
+                "group of one never has reward spread."
+            )
+        if self.router_entropy_coef < 0:
+            raise MoEGRPOError(
+                f"`router_entropy_coef` must be >= 0 (a bonus on the routing entropy), got {self.router_entropy_coef}."
+            )
+        if self.router_entropy_coef > 0 and self.loss_type not in GATE_LOSS_TYPES:
+            raise MoEGRPOError(
+                f"The router entropy bonus is normalized like Gate-GRPO, for loss_type in {GATE_LOSS_TYPES}, got "
+                f"{self.loss_type!r}. Choose one of those, or set `router_entropy_coef=0`."
             )

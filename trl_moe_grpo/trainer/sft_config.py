@@ -7,14 +7,14 @@ from typing import Literal
 
 from trl import SFTConfig
 
-from ..errors import MoEGRPOError
-from ..routing.controller import TRAINING_ROUTINGS
+from .options import check_router_options, check_training_routing_options
 
 ROUTING_FILE = "moe_sft_routing.json"
 # Saved with every checkpoint and final model.
 ROUTING_OPTIONS = (
     "train_routing",
     "routing_noise_std",
+    "noisy_mixing_weights",
     "expert_capacity_factor",
     "sinkhorn_iterations",
     "router_learning_rate",
@@ -32,19 +32,26 @@ class MoESFTConfig(SFTConfig):
         train_routing (`str`, *optional*, defaults to `"topk"`):
             How the routers choose experts in the training forward. `"topk"`: the stock top-K (Det-FT). `"sample"`:
             K experts per token drawn without replacement from the gate probabilities (Stoch-FT-Multi). `"noise"`:
-            Gaussian noise of std `routing_noise_std` on the gate log-scores, then top-K (Stoch-FT-Noise).
-            `"expert_choice"`: every expert takes the tokens of the batch it scores highest, up to its capacity
-            (Expert Choice routing). `"sinkhorn"`: Sinkhorn iterations balance the batch's gate probabilities to equal
-            expert loads, then each token takes its top-K (optimal-transport routing). The last two route a token by
-            looking at the whole batch, later tokens included, so they exist for training only. Evaluation and
-            inference always use top-K.
-        routing_noise_std (`float`, *optional*, defaults to `1.0`):
-            Standard deviation of the gate noise of `train_routing="noise"`.
+            V-MoE's noisy top-K, Gaussian noise of std `routing_noise_std` on the router logits, then top-K
+            (Stoch-FT-Noise). `"expert_choice"`: every expert takes the tokens of the batch it scores highest, up to
+            its capacity, and a token keeps every expert that took it, weighted by its gate probability (Expert
+            Choice routing, Zhou et al. 2022). `"sinkhorn"`: Sinkhorn iterations balance the batch's gate
+            probabilities to equal expert mass, then each token takes its top-K (optimal-transport routing). The
+            last two route a token by looking at the whole batch, later tokens included, so they exist for training
+            only. Evaluation and inference always use top-K.
+        routing_noise_std (`float` or `None`, *optional*, defaults to `None`):
+            Standard deviation of the logit noise of `train_routing="noise"`. `None`: `1 / num_experts`, V-MoE's
+            value (0.125 for 8 experts); the earlier default was `1.0`.
+        noisy_mixing_weights (`bool`, *optional*, defaults to `True`):
+            Under `train_routing="noise"`, mix the chosen experts with the weights of the *noisy* logits (V-MoE's
+            noisy softmax, through the router family's rule). `False` mixes with the noise-free logits' weights,
+            so the noise only changes which experts are chosen (the behaviour before this option existed).
         expert_capacity_factor (`float`, *optional*, defaults to `1.0`):
             Capacity factor of `train_routing="expert_choice"`: each expert takes
             `ceil(expert_capacity_factor * tokens * top_k / num_experts)` of a layer's non-padding tokens, so `1.0`
-            fills as many expert slots as top-K routing does. A token no expert takes passes through the residual
-            connection only; one taken by more than top_k experts keeps its top_k most probable ones.
+            fills as many expert slots as top-K routing does. A token keeps every expert that took it (0 to
+            num_experts of them); one no expert takes passes through the residual connection only, and the trainer
+            warns once when that is more than a quarter of a batch's tokens.
         sinkhorn_iterations (`int`, *optional*, defaults to `3`):
             Sinkhorn iterations of `train_routing="sinkhorn"` (each normalizes tokens, then experts).
 
@@ -62,20 +69,31 @@ class MoESFTConfig(SFTConfig):
         default="topk",
         metadata={
             "help": "Routing of the training forward: 'topk' (stock, Det-FT), 'sample' (without replacement from the "
-            "gate probabilities, Stoch-FT-Multi), 'noise' (Gaussian noise on the gate log-scores, then top-K, "
+            "gate probabilities, Stoch-FT-Multi), 'noise' (V-MoE's noisy top-K, "
             "Stoch-FT-Noise), 'expert_choice' (experts pick their top tokens under a capacity) or 'sinkhorn' "
             "(Sinkhorn-balanced assignment). Evaluation and inference use top-K."
         },
     )
-    routing_noise_std: float = field(
-        default=1.0,
-        metadata={"help": "Standard deviation of the gate noise of train_routing='noise'."},
+    routing_noise_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "Standard deviation of the router-logit noise of train_routing='noise'. None: 1 / num_experts "
+            "(V-MoE); 1.0 was the earlier default."
+        },
+    )
+    noisy_mixing_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Under train_routing='noise', mix the chosen experts with the noisy logits' weights (V-MoE's "
+            "noisy softmax); False uses the noise-free weights."
+        },
     )
     expert_capacity_factor: float = field(
         default=1.0,
         metadata={
             "help": "Capacity factor of train_routing='expert_choice': each expert takes "
-            "ceil(factor * tokens * top_k / num_experts) non-padding tokens per layer."
+            "ceil(factor * tokens * top_k / num_experts) non-padding tokens per layer; a token keeps every expert "
+            "that took it."
         },
     )
     sinkhorn_iterations: int = field(
@@ -89,38 +107,5 @@ class MoESFTConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.train_routing not in TRAINING_ROUTINGS:
-            raise MoEGRPOError(f"`train_routing={self.train_routing!r}` is not one of {TRAINING_ROUTINGS}.")
-        if self.routing_noise_std <= 0:
-            raise MoEGRPOError(
-                f"`routing_noise_std` must be positive, got {self.routing_noise_std}. For noise-free routing use "
-                "`train_routing='topk'`."
-            )
-        if self.expert_capacity_factor <= 0:
-            raise MoEGRPOError(
-                f"`expert_capacity_factor` must be positive, got {self.expert_capacity_factor}; 1.0 fills as many "
-                "expert slots as top-K routing."
-            )
-        if self.sinkhorn_iterations < 1:
-            raise MoEGRPOError(
-                f"`sinkhorn_iterations` must be at least 1, got {self.sinkhorn_iterations}; with none, Sinkhorn "
-                "routing is top-K routing (use `train_routing='topk'`)."
-            )
-        if self.router_learning_rate is not None and self.router_learning_rate < 0:
-            raise MoEGRPOError(f"`router_learning_rate` must be >= 0, got {self.router_learning_rate}.")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise MoEGRPOError(
-                f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}; 0 turns the load-balancing "
-                "loss off."
-            )
-        if self.use_liger_kernel:
-            raise MoEGRPOError(
-                "`use_liger_kernel=True` swaps the model's layers for Liger kernels, which bypass the router hooks "
-                "the routing baselines rely on. Set `use_liger_kernel=False`."
-            )
-        if self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise MoEGRPOError(
-                "Reentrant gradient checkpointing runs the forward without autograd, so the routers would get no "
-                "gradient from the load-balancing loss. Use `gradient_checkpointing_kwargs={'use_reentrant': False}` "
-                "(TRL's default)."
-            )
+        check_training_routing_options(self)
+        check_router_options(self)

@@ -37,7 +37,7 @@ from .checkpoint import (
     TensorInfo,
     write_index,
 )
-from .init import DEFAULT_INIT, ExpertInit, ExpertInitKind
+from .init import DEFAULT_INIT, ExpertInit, resolve_init
 from .report import ParameterReport, compare
 from .source import load_source
 from .targets import DENSE_MLP_KEY, PROJECTIONS, Target
@@ -86,12 +86,8 @@ def upcycle(
     output_dir: str,
     num_experts: int = 8,
     top_k: int = 2,
-    init: ExpertInitKind = DEFAULT_INIT,
+    init: ExpertInit | str = DEFAULT_INIT,
     *,
-    noise_std: float = 0.01,
-    drop_ratio: float = 0.5,
-    router_std: float = 0.02,
-    seed: int = 0,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
@@ -103,12 +99,10 @@ def upcycle(
             Mistral -> Mixtral, InternVL with a Qwen3 language model -> InternVL with a Qwen3-MoE one.
         output_dir: where to write the MoE model (created; must not hold a model unless `overwrite`).
         num_experts, top_k: N experts per layer, K of them per token (the paper: 8 and 2).
-        init: expert initialization, `noise` (default), `copy` or `drop`; see `trl_moe_grpo.upcycle.init` for the
-            trade-offs and why the default is not `copy` (identical experts give MoE-GRPO no learning signal).
-        noise_std: `noise` std relative to each weight matrix's std.
-        drop_ratio: share of intermediate neurons `drop` re-initializes per expert.
-        router_std: std of the random router weights.
-        seed: seed of every random draw (the result does not depend on the source's sharding).
+        init: expert and router initialization: an `ExpertInit` (kind, `noise_std`, `drop_ratio`, `router_std`,
+            `seed`), or a kind's name with its default settings: `noise` (default), `copy` or `drop`. See
+            `trl_moe_grpo.upcycle.init` for the trade-offs and why the default is not `copy` (identical experts give
+            MoE-GRPO no learning signal). The result does not depend on the source's sharding.
         max_shard_size: largest output shard (`"5GB"`, `"500MB"` or bytes). Memory does not depend on it.
         overwrite: replace a model already in `output_dir`.
         progress: show a progress bar, shard by shard.
@@ -117,7 +111,8 @@ def upcycle(
         MoEGRPOError: unsupported source (the message lists the supported ones), pickle-only weights, an incomplete
             checkpoint, bad sizes or options. All are raised before anything is written.
     """
-    expert_init = ExpertInit(init, noise_std=noise_std, drop_ratio=drop_ratio, router_std=router_std, seed=seed)
+    expert_init = resolve_init(init)
+    expert_init.require_computed("`upcycle`")
     max_shard_bytes = parse_size(max_shard_size)
     dense = load_source(source)
     moe_config = dense.target.moe_config(dense.config, num_experts, top_k)

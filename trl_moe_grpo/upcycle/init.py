@@ -17,6 +17,12 @@ Every expert starts from the dense MLP it replaces. Three options, with their tr
   but the model loses part of the dense model's function until it is trained again: it suits a continued-training
   stage before RL, not RL straight from the dense checkpoint with a learning rate of 1e-6.
 
+`multiplet` (CLIP only) is the CLIP-MoE paper's Diversified Multiplet Upcycling (`clip_moe/multiplet.py`): the
+experts are trained, on image-caption pairs, so of these settings only `seed` applies to it.
+
+Every upcycling function takes one `init` argument, an `ExpertInit` or the name of a kind (its default settings):
+`resolve_init` turns either into an `ExpertInit`, so the settings and their checks live here only.
+
 Routers start small and random (normal with std `router_std`), never zero: zero routers give every expert the same
 probability, so the top-K would be decided by index order, and sampling could not prefer anything.
 
@@ -34,8 +40,10 @@ import torch
 
 from ..errors import MoEGRPOError
 
-ExpertInitKind = Literal["copy", "noise", "drop"]
+ExpertInitKind = Literal["copy", "noise", "drop", "multiplet"]
+# The kinds computed from the dense weights alone (every source); `multiplet` trains, for CLIP sources only.
 EXPERT_INITS: tuple[str, ...] = ("copy", "noise", "drop")
+MULTIPLET = "multiplet"
 DEFAULT_INIT: ExpertInitKind = "noise"
 
 
@@ -44,7 +52,7 @@ class ExpertInit:
     """Initialization of the experts and routers of an upcycled model (see the module docstring for trade-offs).
 
     Args:
-        kind (`str`, defaults to `"noise"`): `copy`, `noise` or `drop`.
+        kind (`str`, defaults to `"noise"`): `copy`, `noise` or `drop`; for CLIP sources also `multiplet`.
         noise_std (`float`, defaults to `0.01`): for `noise`, noise std relative to each weight matrix's std.
         drop_ratio (`float`, defaults to `0.5`): for `drop`, share of each expert's intermediate neurons
             re-initialized (the Drop-Upcycling paper's r=0.5).
@@ -59,8 +67,10 @@ class ExpertInit:
     seed: int = 0
 
     def __post_init__(self):
-        if self.kind not in EXPERT_INITS:
-            raise MoEGRPOError(f"Unknown expert init {self.kind!r}: use one of {', '.join(EXPERT_INITS)}.")
+        if self.kind not in (*EXPERT_INITS, MULTIPLET):
+            raise MoEGRPOError(
+                f"Unknown expert init {self.kind!r}: use one of {', '.join(EXPERT_INITS)} (or {MULTIPLET} for CLIP)."
+            )
         if self.kind == "noise" and not self.noise_std > 0:
             raise MoEGRPOError(
                 f"noise_std={self.noise_std}: `noise` needs a positive std (for exact copies use init='copy')."
@@ -72,6 +82,15 @@ class ExpertInit:
         if not self.router_std > 0:
             raise MoEGRPOError(
                 f"router_std={self.router_std}: routers must start random, not zero (zero routers tie all experts)."
+            )
+
+    def require_computed(self, where: str) -> None:
+        """Raise for `multiplet`, which trains experts instead of computing them from the dense weights."""
+        if self.kind == MULTIPLET:
+            raise MoEGRPOError(
+                "init='multiplet' (Diversified Multiplet Upcycling) trains on image-caption pairs and applies to "
+                f"CLIP only; {where} computes experts from the dense weights: use one of "
+                f"{', '.join(EXPERT_INITS)}, or `clip_moe.convert.upcycle_clip(..., init='multiplet', pairs=...)`."
             )
 
     def generator(self, name: str) -> torch.Generator:
@@ -114,3 +133,15 @@ class ExpertInit:
         """A router weight `[num_experts, hidden_size]`, normal with std `router_std`."""
         weight = torch.randn((num_experts, hidden_size), generator=self.generator(router_key)) * self.router_std
         return weight.to(dtype)
+
+
+def resolve_init(init: ExpertInit | str) -> ExpertInit:
+    """The `ExpertInit` an upcycling function's `init` argument names: itself, or a kind with default settings."""
+    if isinstance(init, ExpertInit):
+        return init
+    if isinstance(init, str):
+        return ExpertInit(init)
+    raise MoEGRPOError(
+        f"`init` is an `ExpertInit` or the name of a kind ({', '.join(EXPERT_INITS)}), got {type(init).__name__}. "
+        "For settings other than the defaults pass e.g. `ExpertInit('noise', noise_std=0.05, seed=1)`."
+    )

@@ -6,10 +6,13 @@ log-probs, so three methods are overridden, each as narrowly as it can be and ca
 - `_init_vllm`: TRL's, with three engine arguments added to the `LLM(...)` it builds (`ENGINE_KWARGS`), then the router
   hooks attached (`VLLMRouting`). The arguments are added by handing TRL's module a wrapped `LLM` for the duration of
   the call; everything else TRL does there (distributed env, quantization check, seeds, `logprobs_mode`) is unchanged.
-- `generate`: TRL's, with the routing mode (and greedy decoding) set before and the `RequestOutput`s kept, so each
-  request's recorded routes become its `(prompt_routes, completion_routes)` trace, in `last_routes`.
+- `generate`: TRL's, routed (and decoded) as the open `rollout(...)` context says, with the `RequestOutput`s kept, so
+  each request's recorded routes become its `(prompt_routes, completion_routes)` trace, in that context's recording.
 - `sync_weights`: on CPU, the in-place reload of `weight_sync.py` (TRL's per-parameter `load_weights` fails there);
   elsewhere TRL's.
+
+`rollout(routing, noise_std, greedy)` is the interface of the transformers path's `RoutingController.rollout`: the
+trainer opens one or the other around TRL's generation, with the same shape of code (`MoEGRPOTrainer`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +33,7 @@ from .check import check_vllm_internals
 from .engine_hooks import VLLMRouting
 from .options import VLM_ERROR, check_vllm_generation_options
 from .requests import to_trace
-from .router_hooks import check_vllm_routing_law
+from .router_hooks import SUPPORTED_MODES, check_vllm_routing_law
 from .weight_sync import checkpoint_state_dict, reload_cpu_vllm_weights
 
 logger = logging.get_logger(__name__)
@@ -41,21 +45,64 @@ logger = logging.get_logger(__name__)
 ENGINE_KWARGS = {"dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False}
 
 
+@dataclass
+class VLLMRolloutRecording:
+    """The routes vLLM recorded while one `MoEVLLMGeneration.rollout(...)` context was open.
+
+    Attributes:
+        routes (`list[tuple[torch.Tensor, torch.Tensor]]`):
+            `(prompt_routes, completion_routes)` of each completion `generate` returned, in its order: `[tokens,
+            layers, K]` int16, `-1` where no route was taken (the last completion token, never fed back).
+    """
+
+    routes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def split(
+        self, prompt_lengths: list[int], completion_lengths: list[int]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`(prompt_routes, completion_routes)` per rollout, as `routing.split_rollout_routes` gives them for a
+        transformers generation, checked against the token ids TRL kept (a mismatch would misalign the trace)."""
+        lengths = [(len(prompt), len(completion)) for prompt, completion in self.routes]
+        if lengths != list(zip(prompt_lengths, completion_lengths, strict=True)):
+            raise MoEGRPOError(
+                f"vLLM recorded routes for {len(lengths)} rollouts of (prompt, completion) lengths {lengths}, but the "
+                f"rollouts have {list(zip(prompt_lengths, completion_lengths))} tokens: was `generate` called more "
+                "than once inside one `rollout()` context?"
+            )
+        return [prompt for prompt, _ in self.routes], [completion for _, completion in self.routes]
+
+
 class MoEVLLMGeneration(trl_vllm_generation.VLLMGeneration):
     """TRL's `VLLMGeneration` (colocate mode) whose MoE routers sample, and record, the experts of every token.
 
-    Set `rollout_routing` (`"sample"`, `"noise"`, `"topk"`), `routing_noise_std` and `greedy` before `generate`; after
-    it, `last_routes[i]` is `(prompt_routes, completion_routes)` of the `i`-th returned completion, `[tokens, layers,
-    K]` int16, `-1` where no route was taken (the last completion token, never fed back).
+    Call `generate` inside `with generation.rollout(routing, noise_std, greedy) as recording:`; the context yields a
+    [`VLLMRolloutRecording`] holding the trace of every completion generated while it is open.
     """
 
     def __init__(self, *args, **kwargs):
         self.routing: VLLMRouting | None = None
-        self.rollout_routing = "topk"
-        self.routing_noise_std = 1.0
-        self.greedy = False
-        self.last_routes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._recording: VLLMRolloutRecording | None = None  # set while `rollout()` is open
+        self._greedy = False
         super().__init__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def rollout(self, routing: str, noise_std: float = 1.0, greedy: bool = False) -> Iterator[VLLMRolloutRecording]:
+        """Route vLLM's rollouts with `routing` (`"sample"`, `"noise"` with Gaussian noise of std `noise_std`, or
+        `"topk"`) and decode greedily when `greedy`, while open; yields the recording of their routes. On exit the
+        engine's routers route as they did before it (top-K by default), as the transformers path's do."""
+        if routing not in SUPPORTED_MODES:
+            raise MoEGRPOError(f"Unknown rollout routing {routing!r}: use one of {SUPPORTED_MODES}.")
+        if self._recording is not None:
+            raise MoEGRPOError("A vLLM `rollout()` context is already open: close it before opening another.")
+        recording = VLLMRolloutRecording()
+        previous = self.routing.mode, self.routing.noise_std
+        self._recording, self._greedy = recording, greedy
+        self.routing.mode, self.routing.noise_std = routing, noise_std
+        try:
+            yield recording
+        finally:
+            self._recording, self._greedy = None, False
+            self.routing.mode, self.routing.noise_std = previous
 
     def _init_vllm(self) -> None:
         check_vllm_generation_options(self.mode, self.tensor_parallel_size, self.enable_sleep_mode)
@@ -73,25 +120,28 @@ class MoEVLLMGeneration(trl_vllm_generation.VLLMGeneration):
     def generate(self, prompts, images, num_generations, profiler=None) -> tuple:
         if images is not None and any(image is not None for image in images):
             raise MoEGRPOError(VLM_ERROR)
-        self.routing.mode = self.rollout_routing
-        self.routing.noise_std = self.routing_noise_std
+        if self._recording is None:
+            raise MoEGRPOError(
+                "`MoEVLLMGeneration.generate` ran outside `rollout()`: open `with generation.rollout(routing) as "
+                "recording:` around it, so the routing is chosen and the routes are kept."
+            )
         self.routing.book.clear()
         outputs: list[Any] = []
-        with _keeping_outputs(self.llm, outputs), self._decoding():
+        with _keeping_outputs(self.llm, outputs), self._decoding(self._greedy):
             result = super().generate(prompts, images, num_generations, profiler)
-        self.last_routes = [
+        self._recording.routes.extend(
             to_trace(self.routing.book.pop(output.request_id), len(output.prompt_token_ids), len(completion.token_ids))
             for output in outputs
             for completion in output.outputs
-        ]
+        )
         self.routing.book.clear()
         return result
 
     @contextlib.contextmanager
-    def _decoding(self) -> Iterator[None]:
+    def _decoding(self, greedy: bool) -> Iterator[None]:
         """Greedy decoding when `greedy`: temperature 0 is vLLM's greedy (its `processed_logprobs` are then the
         log-softmax of the unscaled logits, which TRL's scoring matches at its default `temperature=1.0`)."""
-        if not self.greedy:
+        if not greedy:
             yield
             return
         if self.temperature != 1.0:

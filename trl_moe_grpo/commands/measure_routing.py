@@ -1,4 +1,8 @@
-"""`trl-moe-grpo analyze-routing`: routing entropies, task-wise JSD and routing figures of one or more models."""
+"""`trl-moe-grpo measure-routing` (formerly `analyze-routing`): run one or more models on a dataset's prompts and
+measure their routing (routing entropies, task-wise JSD, routing figures).
+
+Named for what it does: it *measures* routing by running the models, where `show-modality-stats` only shows a file
+`calibrate` wrote."""
 
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ def model_labels(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(paths)
 
 
-class AnalyzeRoutingCommand(Command):
-    name = "analyze-routing"
+class MeasureRoutingCommand(Command):
+    name = "measure-routing"
+    deprecated_aliases = ("analyze-routing",)
     help = (
-        "Measure the stock top-K routing of MoE models on a dataset's prompts: sequence routing entropy, mean gate "
-        "entropy and task-wise Jensen-Shannon divergence (nats); several models are shown side by side."
+        "Run MoE models on a dataset's prompts and measure their stock top-K routing: sequence routing entropy, mean "
+        "gate entropy and task-wise Jensen-Shannon divergence (nats), several models side by side, with figures. "
+        "(To show the modality statistics file `calibrate` wrote, use `show-modality-stats`.)"
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -95,3 +101,6 @@ class AnalyzeRoutingCommand(Command):
         written.append(plot_routing_probabilities(analyses, output / FIGURES["routing_probabilities"]))
         print(f"Wrote {', '.join(p.name for p in written)} to {output}")
         return 0
+
+
+AnalyzeRoutingCommand = MeasureRoutingCommand  # the class's name before the command was renamed
