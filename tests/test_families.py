@@ -59,7 +59,8 @@ def test_discovery_finds_the_known_families():
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family(model_type):
     """Accepted and exact (replay <= 1e-5, stock top-K replay reproduces the stock logits, the selection law sums to
-    1, a sampled forward differs from the stock one), or refused naming the router and the reason."""
+    1, a sampled forward differs from the stock one, a modality mask is never violated), or refused naming the router
+    and the reason."""
     check = checked(model_type)
     if check.status == "not built":
         pytest.xfail(f"{model_type}: the tiny model could not be built or run: {check.detail}")
@@ -74,6 +75,7 @@ def test_family(model_type):
     assert check.stock_replay_error <= REPLAY_TOLERANCE
     assert check.control_gap >= CONTROL_MINIMUM
     assert check.probability_error <= 1e-5
+    assert check.masked_draws == 0
 
 
 def test_named_families_replay():

@@ -13,7 +13,7 @@ import torch
 from conftest import make_config
 from test_trainer import group_rows, with_reward_spread
 
-from trl_moe_grpo import MoEGRPOTrainer, RoutingController
+from trl_moe_grpo import MoEGRPOError, MoEGRPOTrainer, RoutingController
 from trl_moe_grpo.losses import clipped_objective, set_log_prob
 from trl_moe_grpo.testing.families import build_tiny_family, moe_model_types
 
@@ -133,6 +133,74 @@ def test_gate_grpo_gradient_equals_finite_differences(model_type):
     numeric = (values[0] - values[1]) / (2 * eps)
     assert abs(analytic) > 1e-4, "the loss must depend on the routers for the check to bite"
     assert abs(analytic - numeric) <= 1e-3 * abs(numeric) + 1e-6, (analytic, numeric)
+
+
+def _dense(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[rows, experts]` weights, 0 off the set: compares sets whatever order the slots hold them in."""
+    return torch.zeros(indices.shape[0], num_experts, dtype=torch.float32).scatter(-1, indices, weights.float())
+
+
+@pytest.mark.parametrize("mode", ["sample", "noise", "sinkhorn", "expert_choice"])
+@pytest.mark.parametrize("model_type", sorted(RULE_FAMILIES))
+def test_training_routings_reach_the_experts_through_every_contract(model_type, mode):
+    """The fine-tuning baselines' training routings, through each rule's output contract: what the block hands its
+    experts is the drawn set with the weights the mode prescribes (noise: the rule on the noisy logits, V-MoE's noisy
+    mixing; expert_choice: the gate probability of each choosing expert, placeholders 0), and padding keeps the stock
+    top-K. Logits-only routers (DBRX), whose block takes its own top-K, refuse expert_choice with the reason."""
+    if model_type not in INSTALLED:
+        pytest.skip(f"{model_type} not installed")
+    model = build_tiny_family(model_type, seed=3)
+    controller = RoutingController(model)
+    if mode == "expert_choice" and any(a.weights_from_logits for a in controller.adapters):
+        with pytest.raises(MoEGRPOError, match="expert_choice.*only logits.*own top-K"):
+            with controller.training_routing(mode):
+                pass
+        return
+    # What reaches the block: the router output after the controller's hook (hooks run in registration order).
+    packed = []
+    modules = dict(model.named_modules())
+    for layer, name in enumerate(controller.layer_names):
+        modules[name].register_forward_hook(lambda m, a, out, layer=layer: packed.append((layer, out)))
+    input_ids = torch.randint(3, 60, (3, 8), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -2:] = 0
+    with torch.no_grad(), controller.training_routing(mode, noise_std=1.0, capacity_factor=2.0) as routes:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    captures = routes.captures()
+    valid = attention_mask.reshape(-1).bool()
+    experts = controller.num_experts
+    assert [layer for layer, _ in packed] == list(range(controller.num_layers))
+    widened = False
+    for (layer, output), capture in zip(packed, captures):
+        adapter = controller.adapters[layer]
+        if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
+            dense = output[0].float()  # Llama 4's (dense scores, logits)
+        else:
+            _, weights, indices = adapter.unpack(output)  # logits only: the block's own top-K of what it is handed
+            dense = _dense(weights, indices, experts)
+            if mode == "expert_choice":
+                assert torch.equal(indices, capture.dispatched)
+            else:
+                # The block dispatches exactly the drawn set (slot order aside).
+                assert torch.equal(indices.sort(-1).values, capture.dispatched.sort(-1).values)
+        dispatched = capture.dispatched
+        if mode == "expert_choice":
+            widened |= dispatched.shape[1] > controller.top_k
+            probs = adapter.selection_log_probs(capture.logits).exp().gather(-1, dispatched)
+            expected = _dense(probs * capture.active, dispatched, experts)
+        else:
+            assert (capture.logit_noise is not None) == (mode == "noise")
+            logits = capture.logits if capture.logit_noise is None else capture.logits + capture.logit_noise
+            expected = _dense(adapter.mixing_weights(logits, dispatched, like=capture.logits), dispatched, experts)
+            if mode == "noise":
+                noise_free = _dense(
+                    adapter.mixing_weights(capture.logits, dispatched, like=capture.logits), dispatched, experts
+                )
+                assert not torch.allclose(dense[valid], noise_free[valid]), "the noise must reach the mixing weights"
+            assert torch.equal(dispatched[~valid], capture.top_k[~valid])
+        torch.testing.assert_close(dense[valid], expected[valid], rtol=1e-5, atol=1e-6)
+    if mode == "expert_choice":
+        assert widened, "capacity factor 2 should give some token more than top_k experts"
 
 
 @pytest.mark.parametrize("model_type", installed(sorted(set(RULE_FAMILIES) | set(NAMED))))

@@ -63,6 +63,7 @@ _SIZES: dict[str, int] = {
     "num_experts_per_tok": 2,
     "num_experts_per_token": 2,
     "moe_topk": 2,
+    "moe_top_k": 2,
     "moe_k": 2,
     "top_k_experts": 2,
     "n_group": 2,
@@ -85,7 +86,15 @@ _SIZES: dict[str, int] = {
     "moe_every_k_layers": 1,
 }
 _EMPTY_LISTS = ("mlp_only_layers",)
-_EXACT = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok", "moe_topk")
+_EXACT = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_experts_per_tok",
+    "moe_topk",
+    "moe_top_k",
+)
 _MAX_PARAMETERS = 25_000_000
 
 
@@ -343,6 +352,7 @@ class FamilyCheck:
         control_gap: max |logits difference| between the sampled-route forward and the stock top-K forward.
         stock_replay_error: max |logits difference| between the stock model and a replay of its own top-K.
         probability_error: max |1 - sum of the selection distribution| over tokens and layers.
+        masked_draws: sampled routes that picked an expert a modality mask forbids (must be 0).
         detail: the error message when refused, failed or not built.
     """
 
@@ -354,6 +364,7 @@ class FamilyCheck:
     control_gap: float = float("nan")
     stock_replay_error: float = float("nan")
     probability_error: float = float("nan")
+    masked_draws: int = -1
     detail: str = ""
 
 
@@ -411,6 +422,15 @@ def check_family(model_type: str, seed: int = 0) -> FamilyCheck:
             controller.finish_replay()
         check.replay_error = float((replayed - sampled_logits).abs().max())
         check.control_gap = float((sampled_logits - stock).abs().max())
+        # Modality guidance: text tokens may only draw from the first half of the experts (never fewer than top_k).
+        allowed = max(controller.top_k, controller.num_experts // 2)
+        masks = torch.ones(controller.num_layers, 2, controller.num_experts, dtype=torch.bool)
+        masks[:, 0, allowed:] = False
+        controller.set_expert_masks(masks)
+        with controller.rollout("sample") as masked:
+            _forward(model, input_ids)
+        controller.set_expert_masks(None)
+        check.masked_draws = int((masked.steps[0] >= allowed).sum())
     except Exception as error:
         check.status, check.detail = "failed", f"{type(error).__name__}: {error}"[:300]
         return check
@@ -421,6 +441,7 @@ def check_family(model_type: str, seed: int = 0) -> FamilyCheck:
         and check.stock_replay_error <= REPLAY_TOLERANCE
         and check.control_gap >= CONTROL_MINIMUM
         and check.probability_error <= 1e-5
+        and check.masked_draws == 0
     ):
         check.status = "failed"
     return check
