@@ -473,6 +473,14 @@ def recognize(router: nn.Module, block: nn.Module | None = None) -> RouterAdapte
         MoEGRPOError: naming the router class, its module and what an adapter would need, when no known contract and
             scoring rule reproduces what the router returns.
     """
+    top_k, num_experts = getattr(router, "top_k", None), getattr(router, "num_experts", None)
+    if isinstance(top_k, int) and isinstance(num_experts, int) and not 1 <= top_k <= num_experts:
+        # Probing would fail with torch.topk's "selected index k out of range", as the model's first forward would.
+        raise MoEGRPOError(
+            f"Router `{_where(router)}` picks top_k={top_k} of num_experts={num_experts} experts: top_k must be "
+            "between 1 and num_experts. Set the model config's `num_experts_per_tok` (top-K) to at most the number "
+            "of experts."
+        )
     probe = RouterProbe(router, block)
     contract = _contract(probe.output)
     route = getattr(block, "route_tokens_to_experts", None)
