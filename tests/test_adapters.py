@@ -9,6 +9,7 @@ import torch
 
 from trl_moe_grpo import MoEGRPOError, RoutingController
 from trl_moe_grpo.routing import ROUTER_ADAPTERS, find_routers
+from trl_moe_grpo.routing.adapters import SoftmaxTopKAdapter
 from trl_moe_grpo.testing import tiny_dense_model, tiny_moe_model
 
 # Family -> (router class, transformers module defining it).
@@ -175,18 +176,33 @@ def test_deepseek_selection_is_normalized_sigmoid():
         torch.testing.assert_close(adapter.selection_log_probs(logits), expected, rtol=0, atol=1e-6)
 
 
-def test_unknown_router_class_is_an_error_listing_supported_ones():
-    """A router class with no adapter raises `MoEGRPOError` naming it and the supported classes."""
+def test_unknown_router_class_with_a_known_contract_is_recognized():
+    """A router class no registry lists, whose output and scoring rule are a known family's, works unchanged."""
     model = tiny_moe_model("qwen3_moe", seed=0)
     name, router, _ = find_routers(model)[1]
     router.__class__ = type("MyCustomTopKRouter", (type(router),), {})
+    routers = dict((n, a) for n, _, a in find_routers(model))
+    adapter = routers[name]
+    assert isinstance(adapter, SoftmaxTopKAdapter) and adapter.renormalize is True and adapter.scale == 1.0
+    logits, weights, indices = router_outputs(router)
+    torch.testing.assert_close(adapter.mixing_weights(logits, indices, like=weights), weights, rtol=0, atol=1e-7)
+
+
+def test_router_with_an_unknown_rule_is_an_error_naming_it():
+    """A router whose weights follow no known rule raises `MoEGRPOError` naming the layer, class and module."""
+    model = tiny_moe_model("qwen3_moe", seed=0)
+    name, router, _ = find_routers(model)[1]
+
+    def forward(self, hidden_states):
+        logits, weights, indices = type(self).__mro__[1].forward(self, hidden_states)
+        return logits, weights.square(), indices  # not a function any known rule gives
+
+    router.__class__ = type("MyCustomTopKRouter", (type(router),), {"forward": forward})
     with pytest.raises(MoEGRPOError) as error:
         RoutingController(model)
     message = str(error.value)
-    assert "MyCustomTopKRouter" in message
-    assert name in message
-    for supported in ROUTER_ADAPTERS:
-        assert supported in message
+    assert "MyCustomTopKRouter" in message and name in message and __name__ in message
+    assert "scoring rules" in message and "dense" not in message
 
 
 def test_dense_model_is_an_error():

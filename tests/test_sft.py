@@ -356,8 +356,13 @@ def test_dense_model_and_unknown_router_are_rejected(tmp_path, tokenizer, text_r
 
     model = tiny_moe_model("qwen3_moe")
     gate = model.model.layers[0].mlp.gate
-    gate.__class__ = type("CustomTopKRouter", (type(gate),), {})
-    with pytest.raises(MoEGRPOError, match="CustomTopKRouter.*no adapter"):
+
+    def forward(self, hidden_states):  # weights no known scoring rule gives (a known rule would be recognized)
+        logits, weights, indices = type(self).__mro__[1].forward(self, hidden_states)
+        return logits, weights.square(), indices
+
+    gate.__class__ = type("CustomTopKRouter", (type(gate),), {"forward": forward})
+    with pytest.raises(MoEGRPOError, match="CustomTopKRouter.*scoring rules"):
         text_trainer(tmp_path, tokenizer, text_rows, model=model)
 
 

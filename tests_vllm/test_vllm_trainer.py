@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_moe_grpo import MoEGRPOConfig, MoEGRPOError, MoEGRPOTrainer
 from trl_moe_grpo.demo.digit_sum import digit_sum_dataset
-from trl_moe_grpo.testing import build_char_tokenizer, tiny_moe_internvl
+from trl_moe_grpo.testing import build_char_tokenizer, tiny_moe_internvl, tiny_moe_model
 
 # Largest |TRL's replayed log-prob - vLLM's sampling log-prob| over a step's completion tokens. vLLM runs bf16, TRL
 # fp32 on the synced weights: bf16 rounding (measured ~0.01). A misaligned trace or a weight sync that did not reach
@@ -115,6 +115,23 @@ def test_vision_language_model_with_vllm_is_a_clear_error(tmp_path):
     with pytest.raises(MoEGRPOError, match="text-only MoE models.*use_vllm=False"):
         MoEGRPOTrainer(
             tiny_moe_internvl(), char_code_reward, args=vllm_config(tmp_path), train_dataset=digit_sum_dataset(4)
+        )
+
+
+def test_family_with_another_routing_law_is_refused(tmp_path):
+    """DeepSeek-V3's router selects by normalized sigmoid affinities and mixes by scaled sigmoid scores; vLLM's routing
+    function draws from the softmax: `use_vllm=True` refuses the family before the engine starts, naming the rule."""
+    path = str(tmp_path / "model")
+    model = tiny_moe_model("deepseek_v3", seed=0).to(torch.bfloat16)
+    model.save_pretrained(path)
+    build_char_tokenizer().save_pretrained(path)
+    with pytest.raises(MoEGRPOError, match="DeepseekV3TopkRouter.*sigmoid.*use_vllm=False"):
+        MoEGRPOTrainer(
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+            char_code_reward,
+            args=vllm_config(tmp_path),
+            train_dataset=digit_sum_dataset(4),
+            processing_class=build_char_tokenizer(),
         )
 
 

@@ -1,8 +1,9 @@
 """One routing controller per model: hooks on every router module, switched by mode.
 
-The controller installs a forward hook on each MoE router (found by class, see `adapters.py`) and one forward
-pre-hook on the model itself. The hooks do nothing in `topk` mode, so a model with a controller computes exactly what
-the stock model computes. The other modes replace the router's `(weights, indices)` output before the experts run:
+The controller installs a forward hook on each MoE router (recognized by its output contract, `adapters.py`) and
+one forward pre-hook on the model itself. The hooks do nothing in `topk` mode, so a model with a controller computes
+exactly what the stock model computes. The other modes replace the router's `(weights, indices)` output (through the
+adapter's `unpack`/`pack`, whatever the router's output contract) before the experts run:
 
 - `sample`: Gumbel-top-K draws from the selection distribution (optionally modality-masked), recorded as a trace;
 - `noise`: Gaussian noise on the selection log-scores, then top-K (the "noise" exploration ablation), recorded too;
@@ -150,6 +151,39 @@ class RolloutRecording:
     selection_probs: list[torch.Tensor] | None = None
 
 
+def _trace_layers(routers: list) -> list[list]:
+    """Routers grouped into trace layers: one router per layer, or a layer's per-modality groups together.
+
+    ERNIE 4.5-VL's MoE blocks hold a text group (`text_moe`) and a vision group (`vision_moe`), each with its own
+    router; every token goes to one of them, so the two routers share the layer's slot in the trace.
+    """
+    layers: list[list] = []
+    for name, module, adapter in routers:
+        previous = layers[-1][0] if layers else None
+        if (
+            previous is not None
+            and adapter.modality_group == VISION
+            and previous[2].modality_group == TEXT
+            and name.rsplit(".", 2)[0] == previous[0].rsplit(".", 2)[0]
+        ):
+            first = previous[2]
+            same = (type(first), first.num_experts, first.top_k, getattr(first, "describe", str)()) == (
+                type(adapter),
+                adapter.num_experts,
+                adapter.top_k,
+                getattr(adapter, "describe", str)(),
+            )
+            if not same:
+                raise MoEGRPOError(
+                    f"The text and vision expert groups at `{name.rsplit('.', 2)[0]}` route by different rules or "
+                    "shapes; one trace layer needs one selection law."
+                )
+            layers[-1].append((name, module, adapter))
+        else:
+            layers.append([(name, module, adapter)])
+    return layers
+
+
 class RoutingController:
     """Sampled routing, trace recording and replay for the MoE routers of one model.
 
@@ -161,9 +195,11 @@ class RoutingController:
     """
 
     def __init__(self, model: nn.Module, vision_token_ids: Sequence[int] = ()):
-        routers = find_routers(model)
-        self.layer_names = [name for name, _, _ in routers]
-        self.adapters: list[RouterAdapter] = [adapter for _, _, adapter in routers]
+        layers = _trace_layers(find_routers(model))
+        self.layer_names = [group[0][0] for group in layers]
+        # One adapter per trace layer (its text group's where a layer has per-modality groups, whose rules agree).
+        self.adapters: list[RouterAdapter] = [group[0][2] for group in layers]
+        self._all_adapters = [adapter for group in layers for _, _, adapter in group]
         shapes = {(a.num_experts, a.top_k) for a in self.adapters}
         if len(shapes) != 1:
             raise MoEGRPOError(
@@ -193,14 +229,20 @@ class RoutingController:
         self._cursor = 0
         self._chunk: torch.Tensor | None = None
         self._chunk_start = 0
-        self._captures: dict[tuple[int, int], LayerCapture] = {}
+        self._captures: dict[tuple[int, ...], LayerCapture] = {}
+        # For captures of a per-modality group's router: the rows it saw and the call's row count.
+        self._capture_rows: dict[tuple[int, ...], tuple[torch.Tensor, int]] = {}
+        self._group_mask: torch.Tensor | None = None  # [rows] bool: routed by the vision group (ERNIE 4.5-VL)
         self._training: TrainingRoutes | None = None
 
         self._handles = [
-            module.register_forward_hook(functools.partial(self._on_router, layer))
-            for layer, (_, module, _) in enumerate(routers)
+            module.register_forward_hook(functools.partial(self._on_router, layer, adapter))
+            for layer, group in enumerate(layers)
+            for _, module, adapter in group
         ]
         self._handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._on_model_return, always_call=True))
+        self._model_depth = 0  # model calls in progress: a call nested in another is the same forward
 
     # ------------------------------------------------------------------ public API
 
@@ -212,7 +254,7 @@ class RoutingController:
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The parameters of every router module (the gates MoE-GRPO trains), in layer order."""
-        return [p for adapter in self.adapters for p in adapter.router.parameters()]
+        return [p for adapter in self._all_adapters for p in adapter.router.parameters()]
 
     def set_expert_masks(self, masks: torch.Tensor | None) -> None:
         """Per-layer, per-modality experts that sampling may draw: `[layers, 2, experts]` bool (True = allowed)."""
@@ -274,6 +316,7 @@ class RoutingController:
             self.mode = "topk"
             self._routes = self._chunk = None
             self._captures.clear()
+            self._capture_rows.clear()
             self._call_shape = None
 
     def start_replay(self, routes: torch.Tensor, dispatch: bool = True) -> None:
@@ -287,6 +330,7 @@ class RoutingController:
         self.mode, self._routes, self._dispatch_recorded = "replay", routes, dispatch
         self._cursor, self._chunk = 0, None
         self._captures.clear()
+        self._capture_rows.clear()
 
     def finish_replay(self) -> None:
         """Check that the model calls since `start_replay` consumed every row of the trace."""
@@ -352,6 +396,15 @@ class RoutingController:
         if sinkhorn_iterations < 0:
             raise MoEGRPOError(f"`sinkhorn_iterations` must be >= 0, got {sinkhorn_iterations}.")
         self._refuse_inside_training_routing("training_routing")
+        if mode == "expert_choice":
+            for name, adapter in zip(self.layer_names, self.adapters):
+                if adapter.weights_from_logits:
+                    raise MoEGRPOError(
+                        f"`expert_choice` cannot route `{name}` (`{type(adapter.router).__name__}`): the router "
+                        "returns only logits and its block takes its own top-K of them, so a token cannot get more "
+                        "or fewer than top_k experts, nor a placeholder of weight 0. Use `sample`, `noise` or "
+                        "`sinkhorn` for this family."
+                    )
         if self.mode != "topk" or self._recording is not None:
             raise MoEGRPOError(
                 f"`training_routing` was opened while the controller is in {self.mode!r} mode"
@@ -369,14 +422,29 @@ class RoutingController:
         """The captures of the last replay, per layer, rows of all calls concatenated in batch order."""
         if not self._captures:
             raise MoEGRPOError("No replayed forward was captured: call `start_replay` and run the model first.")
-        starts = sorted({start for start, _ in self._captures})
+        starts = sorted({key[0] for key in self._captures})
         per_layer = []
         for layer in range(self.num_layers):
-            parts = [self._captures[(start, layer)] for start in starts]
+            parts = [self._capture_of(start, layer) for start in starts]
             per_layer.append(
                 LayerCapture(*(torch.cat([getattr(p, f) for p in parts]) for f in LayerCapture.__dataclass_fields__))
             )
         return per_layer
+
+    def _capture_of(self, start: int, layer: int) -> LayerCapture:
+        """One call's capture of one layer; per-modality groups' parts put back in row order."""
+        if (start, layer) in self._captures:
+            return self._captures[(start, layer)]
+        keys = sorted(k for k in self._captures if k[:2] == (start, layer))
+        total = self._capture_rows[keys[0]][1]
+        fields = {}
+        for f in LayerCapture.__dataclass_fields__:
+            first = getattr(self._captures[keys[0]], f)
+            full = torch.zeros((total, *first.shape[1:]), dtype=first.dtype, device=first.device)
+            for key in keys:  # out of place, so gradients reach each group's logits
+                full = full.index_put((self._capture_rows[key][0],), getattr(self._captures[key], f))
+            fields[f] = full
+        return LayerCapture(**fields)
 
     def token_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`1` where `input_ids` is a vision placeholder token, else `0` (same shape, int8)."""
@@ -416,7 +484,15 @@ class RoutingController:
                 "Close the training routing context first."
             )
 
+    def _on_model_return(self, module, args, output):
+        self._model_depth = max(0, self._model_depth - 1)
+
     def _on_model_call(self, module, args, kwargs):
+        self._model_depth += 1
+        if self._model_depth > 1:
+            # The model calling itself (TRL's fused LM head calls `model.base_model`, which is the model itself for
+            # some families, e.g. Llama 4's causal LM): the outer call already set up this forward.
+            return None
         if self._training is not None:
             return self._on_training_call(args, kwargs)
         if self.mode == "topk" and self._recording is None:
@@ -429,6 +505,8 @@ class RoutingController:
             batch, length = kwargs["inputs_embeds"].shape[:2]
             modality = None
         self._call_shape, self._call_modality = (batch, length), modality
+        group_mask = kwargs.get("moe_mm_token_type_ids")
+        self._group_mask = group_mask.reshape(-1).bool() if isinstance(group_mask, torch.Tensor) else None
 
         if self._recording is not None:
             device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
@@ -490,48 +568,71 @@ class RoutingController:
         self._call_modality = self.token_modality(input_ids).reshape(-1) if input_ids is not None else None
         return None
 
-    def _on_router(self, layer: int, module: nn.Module, args, output):
+    def _on_router(self, layer: int, adapter: RouterAdapter, module: nn.Module, args, output):
         if self._training is not None:
+            if adapter.modality_group is not None:
+                raise MoEGRPOError(
+                    "`training_routing` does not support per-modality expert groups (ERNIE 4.5-VL's text and vision "
+                    "routers): the fine-tuning baselines' batch-level routings need every token in one router call."
+                )
             return self._route_training(layer, output)
         if self.mode == "topk" and self._recording is None:
             return None
-        logits, weights, indices = output
-        adapter = self.adapters[layer]
-        if self._call_shape is None or self._call_shape[0] * self._call_shape[1] != logits.shape[0]:
-            raise MoEGRPOError(
-                f"Router `{self.layer_names[layer]}` saw {logits.shape[0]} tokens outside a model call the "
-                "controller tracked; call the model the controller was built for, not a submodule."
-            )
+        logits, weights, indices = adapter.unpack(output)
+        rows = self._group_rows(layer, adapter, logits.shape[0])
 
         if self.mode == "replay":
-            return self._replay(layer, adapter, logits, weights, indices)
+            return adapter.pack(output, *self._replay(layer, adapter, logits, weights, indices, rows))
         if self.mode in ("sample", "noise"):
-            log_probs = self._masked(adapter.selection_log_probs(logits), layer)
+            log_probs = self._masked(adapter.selection_log_probs(logits), layer, rows)
             if self.mode == "sample":
                 indices = gumbel_top_k(tempered_log_probs(log_probs, self.temperature), self.top_k)
             else:
                 indices = noisy_top_k(log_probs, self.top_k, self.noise_std)
             weights = adapter.mixing_weights(logits, indices, like=weights)
         if self._recording is not None:
-            self._recording.steps[-1][:, :, layer] = indices.view(*self._call_shape, self.top_k).to(torch.int16)
+            steps = self._recording.steps[-1].view(-1, self.num_layers, self.top_k)
+            steps[slice(None) if rows is None else rows, layer] = indices.to(torch.int16)
             if self._recording.selection_probs is not None:
-                probs = adapter.selection_log_probs(logits.detach()).exp()
-                self._recording.selection_probs[-1][:, :, layer] = probs.view(*self._call_shape, -1).float()
+                probs = adapter.selection_log_probs(logits.detach()).exp().float()
+                selection = self._recording.selection_probs[-1].view(-1, self.num_layers, self.num_experts)
+                selection[slice(None) if rows is None else rows, layer] = probs
         if self.mode == "topk":
             return None  # recording only: the stock output, untouched
-        return logits, weights, indices
+        return adapter.pack(output, logits, weights, indices)
 
-    def _masked(self, log_probs: torch.Tensor, layer: int) -> torch.Tensor:
+    def _group_rows(self, layer: int, adapter: RouterAdapter, count: int) -> torch.Tensor | None:
+        """The call's rows a router saw: `None` for every row; a per-modality group's router sees its modality's."""
+        if self._call_shape is not None:
+            total = self._call_shape[0] * self._call_shape[1]
+            if count == total:
+                return None
+            if adapter.modality_group is not None and self._group_mask is not None:
+                mask = self._group_mask if adapter.modality_group == VISION else ~self._group_mask
+                rows = mask.nonzero().squeeze(1)
+                if rows.numel() == count:
+                    return rows
+        raise MoEGRPOError(
+            f"Router `{self.layer_names[layer]}` saw {count} tokens outside a model call the controller tracked; call "
+            "the model the controller was built for, not a submodule."
+        )
+
+    def _masked(self, log_probs: torch.Tensor, layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.expert_masks is None:
             return log_probs
         modality = self._call_modality
+        if modality is not None and rows is not None:
+            modality = modality[rows.to(modality.device)]
         if modality is None:
             modality = torch.zeros(log_probs.shape[0], dtype=torch.long, device=log_probs.device)
         allowed = self.expert_masks[layer].to(log_probs.device)[modality.long()]
         return log_probs.masked_fill(~allowed, float("-inf"))
 
-    def _replay(self, layer, adapter, logits, weights, top_k):
-        recorded = self._chunk[:, :, layer].reshape(-1, self.top_k).to(device=top_k.device, dtype=top_k.dtype)
+    def _replay(self, layer, adapter, logits, weights, top_k, rows=None):
+        recorded = self._chunk[:, :, layer].reshape(-1, self.top_k)
+        if rows is not None:
+            recorded = recorded[rows.to(recorded.device)]
+        recorded = recorded.to(device=top_k.device, dtype=top_k.dtype)
         valid = recorded[:, 0] >= 0
         # A -1 sentinel must never reach the experts' kernels: those tokens take the live top-K.
         recorded = torch.where(valid[:, None], recorded, top_k)
@@ -543,15 +644,18 @@ class RoutingController:
         # Keyed by (row offset, layer); the forward's capture is the one the losses read. A checkpoint recompute
         # during backward routes the same way but keeps nothing: its logits would hold the recomputed layer's graph
         # (norm and attention activations) alive until the step ends.
-        key = (self._chunk_start, layer)
+        key = (self._chunk_start, layer) if rows is None else (self._chunk_start, layer, adapter.modality_group)
         if key not in self._captures:
             self._captures[key] = LayerCapture(logits, recorded, dispatched, top_k, valid)
+            if rows is not None:
+                self._capture_rows[key] = (rows.to(logits.device), self._call_shape[0] * self._call_shape[1])
         return logits, weights, dispatched
 
     # ------------------------------------------------------------------ training routing
 
     def _route_training(self, layer: int, output):
-        logits, weights, top_k = output
+        adapter = self.adapters[layer]  # per-modality groups are refused before this
+        logits, weights, top_k = adapter.unpack(output)
         state = self._training
         rows = logits.shape[0]
         if self._call_shape is None or self._call_shape[0] * self._call_shape[1] != rows:
@@ -559,7 +663,6 @@ class RoutingController:
                 f"Router `{self.layer_names[layer]}` saw {rows} tokens outside a model call the controller tracked; "
                 "call the model the controller was built for, not a submodule."
             )
-        adapter = self.adapters[layer]
         valid = state.token_mask.to(logits.device)
         drawn = state._routes.get(layer)
         if drawn is None:
@@ -582,10 +685,14 @@ class RoutingController:
         if state.mode == "expert_choice":
             # Zhou et al.: the token's gate probability for each expert that chose it; placeholders (and padding) 0.
             probs = adapter.selection_log_probs(logits).exp().gather(-1, indices)
-            return logits, (probs * active).to(weights.dtype), indices
+            return adapter.pack(output, logits, (probs * active).to(weights.dtype), indices)
         weight_logits = logits if noise is None else logits + noise.to(logits.dtype)
         routed = adapter.mixing_weights(weight_logits, indices, like=weights)
-        return logits, torch.where(valid[:, None], routed, weights), indices
+        if adapter.weights_from_logits and noise is not None:
+            # The block weighs the set by its own rule from the logits it is handed (DBRX), so the noisy mixing
+            # weights reach it as the noisy logits (padding rows keep the stock ones).
+            logits = torch.where(valid[:, None], weight_logits, logits)
+        return adapter.pack(output, logits, torch.where(valid[:, None], routed, weights), indices)
 
     def _draw(self, state: TrainingRoutes, layer: int, adapter: RouterAdapter, logits, top_k, valid):
         """`(indices, active, num_choices, weight noise)` for one layer of the batch.

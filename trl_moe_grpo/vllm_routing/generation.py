@@ -33,7 +33,7 @@ from .check import check_vllm_internals
 from .engine_hooks import VLLMRouting
 from .options import VLM_ERROR, check_vllm_generation_options
 from .requests import to_trace
-from .router_hooks import SUPPORTED_MODES
+from .router_hooks import SUPPORTED_MODES, check_vllm_routing_law
 from .weight_sync import checkpoint_state_dict, reload_cpu_vllm_weights
 
 logger = logging.get_logger(__name__)
@@ -107,6 +107,7 @@ class MoEVLLMGeneration(trl_vllm_generation.VLLMGeneration):
     def _init_vllm(self) -> None:
         check_vllm_generation_options(self.mode, self.tensor_parallel_size, self.enable_sleep_mode)
         check_vllm_internals()
+        check_vllm_routing_law(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if not self.model.name_or_path:
             raise MoEGRPOError(
                 "vLLM loads the model from `model.name_or_path`, which this model (built from a config) does not "

@@ -14,11 +14,44 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import MoEGRPOError
+from ..routing.adapters import RouterAdapter, SoftmaxTopKAdapter, TopKSoftmaxAdapter, find_routers
 from ..routing.sampling import gumbel_top_k, noisy_top_k
 
 SUPPORTED_MODES = ("sample", "noise", "topk")
 
 RoutingFunction = Callable[[torch.Tensor, torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+def follows_vllm_law(adapter: RouterAdapter) -> bool:
+    """Whether the HF router's selection law and mixing rule are the ones `make_routing_function` applies in vLLM.
+
+    vLLM's routing function draws from `softmax(z)` and mixes by `softmax(z)[S]`, renormalized when vLLM says so:
+    a softmax router, or a top-K-then-softmax one (`softmax(z[S])` is `softmax(z)[S]` renormalized), with no
+    constant or per-expert scale and the stock output contract.
+    """
+    plain = type(adapter) in (SoftmaxTopKAdapter, TopKSoftmaxAdapter)
+    return plain and adapter.scale == 1.0 and adapter.expert_scale is None and adapter.computed_experts is None
+
+
+def check_vllm_routing_law(model: torch.nn.Module) -> None:
+    """Refuse vLLM rollouts for a model whose routers follow another law than vLLM's routing function.
+
+    Otherwise rollouts would be drawn under one selection distribution (vLLM's softmax) and scored under another
+    (the adapter's, e.g. DeepSeek-V3's normalized sigmoid affinities), and the mixing weights would differ too.
+
+    Raises:
+        MoEGRPOError: naming the family, the router class and its rule.
+    """
+    for name, router, adapter in find_routers(model):
+        if not follows_vllm_law(adapter):
+            rule = adapter.describe() if hasattr(adapter, "describe") else adapter.rule
+            raise MoEGRPOError(
+                f"`use_vllm=True` cannot roll out `{type(model).__name__}`: its router `{name}` "
+                f"(`{type(router).__name__}`) selects and mixes experts by {rule}, while vLLM's routing function "
+                "draws from softmax(router logits) and mixes by their softmax: rollouts would be sampled under one "
+                "law and scored under another. Use transformers generation (`use_vllm=False`) for this family."
+            )
 
 
 def make_routing_function(
