@@ -56,11 +56,6 @@ def rank_reward(completions, **kwargs):
 
 # Families whose tiny model trains slowly on a CPU (Kimi-Linear's delta-rule attention runs its torch fallback: ~45 s).
 SLOW = {"kimi_linear"}
-# Families plain `trl.GRPOTrainer` cannot train either, and why (strict: the test fails once TRL can).
-TRL_BLOCKED = {
-    "llama4_text": "TRL 1.16's fused LM head calls `model.base_model`, which for Llama 4 is the model itself (its "
-    "`base_model_prefix` names no attribute), and reads `last_hidden_state` from a causal-LM output",
-}
 
 
 def installed(families):
@@ -69,8 +64,6 @@ def installed(families):
         marks = [pytest.mark.skipif(family not in INSTALLED, reason=f"{family} not installed")]
         if family in SLOW:
             marks.append(pytest.mark.slow)
-        if family in TRL_BLOCKED:
-            marks.append(pytest.mark.xfail(reason=TRL_BLOCKED[family], raises=AttributeError, strict=True))
         params.append(pytest.param(family, marks=marks))
     return params
 

@@ -54,6 +54,22 @@ def resolve_args(model: Any, args: Any, config_class: type, trainer_name: str, s
     return args
 
 
+def repair_backbone_lookup(model: Any) -> None:
+    """Point `model.base_model` at the decoder where the class's `base_model_prefix` names no attribute.
+
+    TRL's fused LM head runs `model.base_model` and reads its `last_hidden_state`. A few causal LMs declare a prefix
+    they do not have (transformers 5.25's `Llama4ForCausalLM` says `"language_model"` but holds `model`), so
+    `base_model` falls back to the model itself and the head receives logits, not hidden states (`AttributeError:
+    ... last_hidden_state`). The prefix is set on this instance only, after loading (loading is where the prefix
+    maps checkpoint keys), and only when `model.model` is the decoder it should have named.
+    """
+    from transformers import PreTrainedModel
+
+    backbone = getattr(model, "model", None)
+    if model.base_model is model and isinstance(backbone, PreTrainedModel):
+        model.base_model_prefix = "model"
+
+
 def _strip_base_layers(name: str) -> str:
     """A router's name without the `.base_layer` segments PEFT adds when it wraps the router."""
     return re.sub(r"(\.base_layer)+$", "", name)

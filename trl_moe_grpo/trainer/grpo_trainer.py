@@ -65,7 +65,7 @@ from ..routing.sampling import tempered_log_probs
 from ..routing.traces import unpad_routes
 from ..vllm_routing.options import refuse_vision_language_model
 from ..zero3 import gathered_parameters
-from .common import MoETrainerMixin, peft_config_training_routers, resolve_args
+from .common import MoETrainerMixin, peft_config_training_routers, repair_backbone_lookup, resolve_args
 from .eval_routing import EvalRoutingCollector
 from .grpo_config import MoEGRPOConfig
 from .replay_state import ActiveRouting, ReplayState
@@ -163,6 +163,9 @@ class MoEGRPOTrainer(MoETrainerMixin, GRPOTrainer):
             building = routed_vllm_generation()
         with building:
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        for scored in (self.model, getattr(self, "ref_model", None)):  # the models TRL's fused LM head scores with
+            if scored is not None:
+                repair_backbone_lookup(scored.get_base_model() if is_peft_model(scored) else scored)
         self._refuse_reentrant_checkpointing()
         if self._is_vlm and self._tokenizer.padding_side != "left":
             # TRL left-pads the prompt ids itself but re-runs the processor for the training forward's per-token
