@@ -291,6 +291,23 @@ def test_copy_init_gives_moe_grpo_nothing_to_learn_and_the_default_does(upcycled
 # ---------------------------------------------------------------------- expert and router initialization
 
 
+@pytest.mark.parametrize("family", ["qwen3", "internvl"])
+def test_expert_similarity_reads_the_upcycled_experts_distance(upcycled, family):
+    """`benchmarks/expert_similarity.py`: copies are at distance 0; the default noise (0.01 of each weight's std)
+    puts two experts about 0.01 * sqrt(2) apart."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from expert_similarity import expert_weights, pairwise_relative_distance
+
+    for init, low, high in (("copy", 0.0, 0.0), (DEFAULT_INIT, 0.012, 0.016)):
+        weights = expert_weights(Path(upcycled(family, init)))
+        assert len(weights) == 3 * 2 and all(w.shape[0] == EXPERTS for w in weights.values())  # 3 kinds, 2 layers
+        for w in weights.values():
+            assert low <= pairwise_relative_distance(w) <= high, (init, pairwise_relative_distance(w))
+
+
 def test_noise_init_is_relative_and_differs_per_expert():
     dense = torch.randn(64, 32) * 3.0
     init = ExpertInit("noise", noise_std=0.01)
