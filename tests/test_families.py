@@ -56,6 +56,38 @@ def test_discovery_finds_the_known_families():
     assert len(FAMILIES) >= 40
 
 
+def test_discovery_keeps_autoregressive_generators_only():
+    """Families are kept for a generating class that derives from `GenerationMixin` (token-by-token decoding); a
+    block-diffusion model, which denoises whole canvases, is left out (GRPO scores completions by a causal forward)."""
+    import transformers
+    from transformers import GenerationMixin
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from trl_moe_grpo.testing.families import generates_autoregressively, generating_class_name
+
+    for model_type in FAMILIES:
+        assert issubclass(getattr(transformers, generating_class_name(model_type)), GenerationMixin), model_type
+    if "diffusion_gemma" in CONFIG_MAPPING_NAMES:
+        assert generating_class_name("diffusion_gemma") and not generates_autoregressively("diffusion_gemma")
+        assert "diffusion_gemma" not in FAMILIES
+    assert "unlimited_ocr" not in CONFIG_MAPPING_NAMES or generates_autoregressively("unlimited_ocr")
+
+
+@pytest.mark.skipif("dots3_note" not in FAMILIES, reason="Dots 3 Note not installed")
+def test_routers_outside_the_language_decoder_are_refused():
+    """Dots 3 Note's vision tower has MoE layers of its own, which route image patches, not decoder tokens: the
+    controller refuses the model naming that router, while the text-only family (the same decoder) is accepted."""
+    from trl_moe_grpo import MoEGRPOError, RoutingController
+    from trl_moe_grpo.testing.families import build_tiny_family
+
+    model = build_tiny_family("dots3_note")
+    with pytest.raises(MoEGRPOError, match=r"Dots3NoteVisionTopKRouter` at `model\.vision_tower\.") as error:
+        RoutingController(model)
+    assert "outside the language decoder (`model.language_model`)" in str(error.value)
+    assert len(RoutingController(model.model.language_model).adapters) == 2  # its own routers are fine
+    assert checked("dots3_note_text").status == "replays"
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family(model_type):
     """Accepted and exact (replay <= 1e-5, stock top-K replay reproduces the stock logits, the selection law sums to
@@ -89,6 +121,12 @@ def test_at_least_90_percent_of_built_families_replay():
     built = [checked(t) for t in FAMILIES if checked(t).status != "not built"]
     replaying = [c for c in built if c.status == "replays"]
     assert len(replaying) >= 0.9 * len(built), [(c.model_type, c.status, c.detail[:120]) for c in built]
+
+
+def test_at_least_90_percent_of_discovered_families_replay():
+    """Of all the families discovered (built or not), at least 90% are accepted and replay exactly."""
+    replaying = [t for t in FAMILIES if checked(t).status == "replays"]
+    assert len(replaying) >= 0.9 * len(FAMILIES), [(t, checked(t).status) for t in FAMILIES if t not in replaying]
 
 
 @pytest.mark.skipif("ernie4_5_vl_moe" not in FAMILIES, reason="ERNIE 4.5-VL not installed")

@@ -634,6 +634,34 @@ def _expert_blocks(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(getattr(m, "experts", None), nn.Module)]
 
 
+def _refuse_tower_routers(model: nn.Module, candidates: list[tuple[str, nn.Module, nn.Module | None]]) -> None:
+    """Refuse routers of a generating model that lie outside its language decoder (a vision or audio tower's MoE).
+
+    Such a router routes image patches or audio frames, not the decoder's tokens a routing trace has one slot per
+    layer for; its routes could be neither laid out nor replayed per token.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    if not callable(getattr(model, "generate", None)) or get_decoder is None:
+        return  # not a text generator (e.g. `clip_moe`'s vision encoder, whose routers are the ones to control)
+    try:
+        decoder = get_decoder()
+    except Exception:  # transformers' best-effort lookup raises for a few exotic models
+        return
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return
+    inside = {id(m) for m in decoder.modules()}
+    outside = [(name, module) for name, module, _ in candidates if id(module) not in inside]
+    if outside:
+        name, module = outside[0]
+        where = next((n for n, m in model.named_modules() if m is decoder), type(decoder).__name__)
+        raise MoEGRPOError(
+            f"Router `{_where(module)}` at `{name}` lies outside the language decoder (`{where}`) of "
+            f"`{type(model).__name__}`, in a vision or audio tower whose patches or frames have no place in routing "
+            "traces (one route per layer for each decoder token); Mixture-of-Experts layers outside the language "
+            "decoder are not supported."
+        )
+
+
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, RouterAdapter]]:
     """The MoE routers of `model` in forward order, each with its adapter.
 
@@ -648,10 +676,12 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, RouterAdapter]]
             "laid out like a decoder-only model's token ids (TRL's GRPO trains causal LMs and vision-language "
             "decoders), so encoder-decoder MoEs (Switch Transformers, NLLB-MoE) are not supported."
         )
+    candidates = _router_candidates(model)
+    _refuse_tower_routers(model, candidates)
     routers = []
     routed_blocks: set[int] = set()
     refused: dict[int, MoEGRPOError] = {}  # by block (or router) identity: the first refusal
-    for name, module, block in _router_candidates(model):
+    for name, module, block in candidates:
         key = id(block if block is not None else module)
         try:
             adapter = recognize(module, block)

@@ -1,9 +1,11 @@
 """Every Mixture-of-Experts family of the installed transformers, built tiny from its own config.
 
 `moe_model_types()` walks transformers' model types at run time and keeps those whose modeling code holds experts
-(or whose default config nests such a family, e.g. a vision-language wrapper). `build_tiny_family(model_type)` shrinks
-the family's default config (2 layers, hidden size 64, 8 experts, top-2) and builds the generating model for it
-(causal LM, image-text-to-text, or seq2seq). Nothing is downloaded: weights are random and seeded.
+(or whose default config nests such a family, e.g. a vision-language wrapper) and that generate text autoregressively
+(a block-diffusion model such as DiffusionGemma is left out: GRPO's per-token log-probabilities need a causal
+forward). `build_tiny_family(model_type)` shrinks the family's default config (2 layers, hidden size 64, 8 experts,
+top-2) and builds the generating model for it (causal LM, image-text-to-text, or seq2seq). Nothing is downloaded:
+weights are random and seeded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 # Config attribute -> tiny value. Applied to the family's config and to every config nested in it.
 _SIZES: dict[str, int] = {
     "hidden_size": 64,
+    "hidden_sizes": 64,  # per-stage widths of a convolutional tower (an audio encoder)
     "d_model": 64,
     "n_embd": 64,
     "intermediate_size": 64,
@@ -55,6 +58,9 @@ _SIZES: dict[str, int] = {
     "qk_nope_head_dim": 8,
     "qk_head_dim": 16,
     "v_head_dim": 16,
+    # Sparse-attention indexers.
+    "index_head_dim": 16,
+    "index_n_heads": 4,
     # Experts.
     "num_experts": 8,
     "num_local_experts": 8,
@@ -155,11 +161,15 @@ def shrink_config(config: PretrainedConfig, overrides: dict[str, Any] | None = N
         elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
             kwargs[key] = min(value, _SIZES[key])
         elif key in _SIZES and isinstance(value, list) and all(isinstance(v, int) for v in value):
+            if choice is not None and len(value) == layers:  # per-layer sizes: the chosen layers
+                value = [value[i] for i in choice]
             kwargs[key] = [min(v, _SIZES[key]) for v in value]
         elif key in _SIZES and value is None and key in ("num_experts_per_tok", "head_dim"):
             kwargs[key] = _SIZES[key]
         elif key in _EMPTY_LISTS and isinstance(value, list):
             kwargs[key] = []
+        elif choice is not None and value == list(range(layers)):
+            kwargs[key] = list(range(len(choice)))  # per-layer layer indices, each layer its own (KV sources)
         elif choice is not None and isinstance(value, list) and len(value) == layers:
             kwargs[key] = [value[i] for i in choice]  # per-layer lists (layer types): the chosen layers
     if "enable_moe_block" in kwargs:  # families whose MoE block is optional (Gemma 4)
@@ -174,6 +184,8 @@ def shrink_config(config: PretrainedConfig, overrides: dict[str, Any] | None = N
             elif key.startswith("intermediate_size") and key not in _SIZES:
                 kwargs[key] = _SIZES["intermediate_size"]
             elif key.endswith("hidden_size") and key not in _SIZES:  # e.g. a projector's text_hidden_size
+                kwargs[key] = _SIZES["hidden_size"]
+            elif re.fullmatch(r"adapter_(in|out|input|output)_(dim|size)", key):  # an adapter between hidden sizes
                 kwargs[key] = _SIZES["hidden_size"]
             elif key == "hidden_size_per_layer_input":
                 kwargs[key] = 16
@@ -236,19 +248,52 @@ def generating_class_name(model_type: str) -> str | None:
     return None
 
 
+def generates_autoregressively(model_type: str) -> bool:
+    """Whether the family's generating class decodes token by token: it derives from transformers' `GenerationMixin`.
+
+    GRPO scores a completion by one causal forward over prompt and completion, with the routes its generation drew;
+    a block-diffusion model (DiffusionGemma: its own `generate` denoises whole canvases of tokens over several
+    bidirectional decoder passes) has neither, so it is no text generator in this sense.
+    """
+    name = generating_class_name(model_type)
+    if not name:
+        return False
+    bases = re.search(rf"^class {re.escape(name)}\(([^)]*)\)", _modeling_source(model_type), re.MULTILINE)
+    if bases and re.search(r"\bGenerationMixin\b", bases.group(1)):
+        return True  # read from the source: most families name the mixin, and importing them all is slow
+    import transformers
+    from transformers import GenerationMixin
+
+    return issubclass(getattr(transformers, name), GenerationMixin)  # e.g. a family mixin deriving from it
+
+
 def moe_model_types(generating: bool = True) -> list[str]:
     """Model types of the installed transformers whose modeling code has Mixture-of-Experts experts.
 
-    With `generating`, only those with a text-generating model class (causal LM, image-text-to-text or seq2seq);
-    vision towers, audio encoders and other sub-models of a family are left out.
+    With `generating`, only those with a model class that generates text autoregressively (causal LM,
+    image-text-to-text or seq2seq, deriving from `GenerationMixin`, see `generates_autoregressively`); vision towers,
+    audio encoders and other sub-models of a family, and block-diffusion models, are left out.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     types = [t for t in CONFIG_MAPPING_NAMES if re.search(r"self\.experts\s*=", _modeling_source(t))]
     if generating:
-        types = [t for t in types if generating_class_name(t)]
+        types = [t for t in types if generates_autoregressively(t)]
     return sorted(types)
 
+
+# Dots 3's sliding-window layers take their attention sizes from `swa_*` constructor arguments, which no config field
+# holds (they become `per_layer_config`, which the shrinking drops as derived).
+_DOTS3_SLIDING = {
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 4,
+    "swa_q_lora_rank": 32,
+    "swa_kv_lora_rank": 16,
+    "swa_head_dim": 16,
+    "swa_qk_nope_head_dim": 8,
+    "swa_qk_rope_head_dim": 8,
+    "swa_v_head_dim": 16,
+}
 
 # What the generic shrinking cannot know: layer patterns given as periods or index lists.
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -257,13 +302,16 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe"]},  # a hash-routed layer, left stock, and a routed one
     "deepseek_ocr2": {"text_config.mlp_layer_types": ["sparse", "sparse"]},
     "dots1": {"n_shared_experts": 1},
+    "dots3_note_text": _DOTS3_SLIDING,
+    "dots3_note": {f"text_config.{k}": v for k, v in _DOTS3_SLIDING.items()},
     "hy_v4": {"indexer_types": ["full", "full"]},
     "hy_v4_vl": {"text_config.indexer_types": ["full", "full"]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "kolibri1_1": {
-        "layer_types": ["sliding_attention", "sliding_attention"],
-        "index_layers": [],
+        "layer_types": ["sliding_attention", "indexed_attention"],
+        "index_layers": [1],
         "kv_source_layers": [0, 1],
+        "index_num_heads": 2,  # at most the query heads per key head (4 // 2)
     },
     "mistral4": {"head_dim": 16},  # its head is the nope and rope parts together
     "qwen4_exp": {
