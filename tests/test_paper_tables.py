@@ -96,3 +96,18 @@ def test_every_arm_trains_and_is_reported(tmp_path):
     # A second run with the same settings resumes: nothing is trained again.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "== det_ft/0" not in again.stdout
+
+
+def test_arms_runs_a_subset_with_moe_grpo_as_the_reference(tmp_path):
+    output = tmp_path / "results.md"
+    command = [sys.executable, "benchmarks/paper_tables.py", "--smoke", "--tables", "1", "--arms", "det_ft"]
+    result = subprocess.run([*command, "--output", str(output)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    results = json.loads(output.with_suffix(".json").read_text())
+    assert set(results["runs"]) == {"det_ft/0", "moe_grpo/0"}
+    table = output.read_text().split("## Table 1")[1].split("\n## ")[0]
+    rows = [
+        line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| method", "| ---"))
+    ]
+    assert [row.split(" | ")[0] for row in rows] == ["| Det-FT (fine-tuning, top-K)", "| MoE-GRPO"]
