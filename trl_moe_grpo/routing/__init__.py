@@ -1,7 +1,8 @@
 """Routing of MoE models: adapters per router family, sampled routing, trace recording and replay."""
 
-from .adapters import ROUTER_ADAPTERS, RouterAdapter, find_routers
+from .adapters import ROUTER_ADAPTERS, RouterAdapter
 from .controller import TEXT, VISION, LayerCapture, RolloutRecording, RolloutRouting, RoutingController
+from .recognition import find_routers
 from .sampling import gumbel_top_k, noisy_top_k
 from .traces import pad_routes, split_rollout_routes
 

@@ -1,6 +1,6 @@
 """One routing controller per model: hooks on every router module, switched by mode.
 
-The controller installs a forward hook on each MoE router (recognized by its output contract, `adapters.py`) and
+The controller installs a forward hook on each MoE router (recognized by its output contract, `recognition.py`) and
 one forward pre-hook on the model itself. The hooks do nothing in `topk` mode, so a model with a controller computes
 exactly what the stock model computes. The other modes replace the router's `(weights, indices)` output (through the
 adapter's `unpack`/`pack`, whatever the router's output contract) before the experts run:
@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import MoEGRPOError
-from .adapters import RouterAdapter, find_routers
+from .adapters import RouterAdapter
 from .assignment import expert_choice, sinkhorn_top_k
+from .recognition import find_routers
 from .sampling import gumbel_top_k, noisy_top_k, tempered_log_probs
 
 RolloutRouting = Literal["topk", "sample", "noise"]

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 
 from ..errors import MoEGRPOError
-from ..routing.adapters import RouterAdapter, SoftmaxTopKAdapter, TopKSoftmaxAdapter, find_routers
+from ..routing.adapters import RouterAdapter, SoftmaxTopKAdapter, TopKSoftmaxAdapter
+from ..routing.recognition import find_routers
 from ..routing.sampling import gumbel_top_k, noisy_top_k
 
 SUPPORTED_MODES = ("sample", "noise", "topk")
