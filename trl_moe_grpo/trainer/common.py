@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from ..errors import MoEGRPOError
@@ -63,8 +64,6 @@ def repair_backbone_lookup(model: Any) -> None:
     ... last_hidden_state`). The prefix is set on this instance only, after loading (loading is where the prefix
     maps checkpoint keys), and only when `model.model` is the decoder it should have named.
     """
-    from transformers import PreTrainedModel
-
     backbone = getattr(model, "model", None)
     if model.base_model is model and isinstance(backbone, PreTrainedModel):
         model.base_model_prefix = "model"
